@@ -1,0 +1,68 @@
+"""Command-line plumbing shared by train.py, eval.py and scripts/: the --config flag and the
+user-error contract (one line on stderr naming the field or file and the fix, exit code 2)."""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mhc_jax import model
+from mhc_jax.errors import UserError
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/pretrain.py:<variant>,<scale>, e.g. configs/pretrain.py:mhc,10m")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except UserError as e:
+        fail(str(e))
+    except flags.Error as e:
+        fail(_flag_error_line(e))
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
+        name = str(e).strip("\"'")
+        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
+        fail(f"{given[0] if given else '--config.*'}: no config field {name!r} (see configs/pretrain.py for the fields)")
+
+
+def _flag_error_line(error: flags.Error) -> str:
+    """absl's message for a bad --config.a.b override, boiled down to one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    if lines and lines[0].startswith("Unknown command line flag"):
+        name = lines[0].split("'")[1] if "'" in lines[0] else lines[0]
+        return f"--{name}: no such flag or config field (see configs/pretrain.py for the fields)"
+    return f"{lines[0]} {last}" if len(lines) > 1 and last not in lines[0] else last
+
+
+def run(main) -> None:
+    """absl's app.run, with flag and user errors reported as one line and exit code 2."""
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except UserError as e:
+            fail(str(e))
+
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def load_config():
+    """The --config ConfigDict with overrides applied, checked; UserError if it cannot work."""
+    config = CONFIG.value
+    if config is None:
+        raise UserError("--config: required, e.g. --config=configs/pretrain.py:mhc,debug")
+    try:
+        model_config = config.model
+    except OSError:  # config_flags reports an unreadable file on first access
+        path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+        raise UserError(f"--config: cannot read the config file {path!r}; "
+                        "expected e.g. --config=configs/pretrain.py:mhc,debug") from None
+    model.check_config(model_config)
+    return config

@@ -1,0 +1,131 @@
+"""The decoder: embed -> expand -> scan(blocks) -> reduce -> final norm -> unembed.
+
+The residual connection is whatever `residual.make_site` returns; this file never asks which.
+The blocks' parameters are stacked on a leading `layers` axis whether or not the forward pass
+scans, so `scan_layers` and `remat` change compilation only, never the checkpoint layout.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mhc_jax import residual
+from mhc_jax.errors import UserError
+from mhc_jax.layers import Attention, Embedding, RMSNorm, SwiGLU, normal, param
+
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = {
+    "none": None,  # save every activation of the block
+    "full": jax.checkpoint_policies.nothing_saveable,  # save only the stream between blocks
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # save matmul outputs
+}
+
+
+class Block(nnx.Module):
+    """Attention, then MLP, each one residual site on the [B, T, n, C] stream."""
+
+    def __init__(self, cfg, layer, rngs: nnx.Rngs):
+        out_std = residual.out_proj_scale(cfg) / (2 * cfg.n_layers) ** 0.5
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, out_std, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg, out_std, rngs)
+        # The sites draw their random numbers last, so that for one seed every variant starts
+        # from the same attention and MLP weights: variants differ only in the residual connection.
+        self.attn_site = residual.make_site(cfg, 2 * layer, rngs)
+        self.mlp_site = residual.make_site(cfg, 2 * layer + 1, rngs)
+
+    def __call__(self, x_BTNC: jax.Array) -> tuple[jax.Array, residual.SiteMaps]:
+        x_BTNC, attn_maps = self.attn_site(x_BTNC, lambda u: self.attn(self.attn_norm(u)))
+        x_BTNC, mlp_maps = self.mlp_site(x_BTNC, lambda u: self.mlp(self.mlp_norm(u)))
+        return x_BTNC, jax.tree.map(lambda a, b: jnp.stack([a, b]), attn_maps, mlp_maps)
+
+
+def stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
+    """n_layers Blocks with their parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs, layer):
+        return Block(cfg, layer, rngs)
+
+    return make(rngs, jnp.arange(cfg.n_layers))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.n_streams = cfg.n_streams
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.scan_layers = cfg.scan_layers
+        self.remat_policy = cfg.remat
+        self.embed = Embedding(cfg, rngs)
+        self.blocks = stacked_blocks(cfg, rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.unembed = None if cfg.tie_embeddings else param(
+            normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5), ("embed", "vocab"))
+
+    def __call__(self, tokens_BT: jax.Array, *, return_maps: bool = False):
+        """Logits [B, T, V] in float32; with `return_maps`, also the SiteMaps of all 2L sites
+        stacked in order (site 2l is block l's attention, 2l + 1 its MLP): [2L, B, T, ...]."""
+        x_BTNC = residual.expand(self.embed(tokens_BT, self.dtype), self.n_streams)
+        x_BTNC, maps = self.run_blocks(x_BTNC, return_maps)
+        h_BTC = self.final_norm(residual.reduce(x_BTNC))
+        if self.unembed is None:
+            logits_BTV = self.embed.attend(h_BTC)
+        else:
+            logits_BTV = h_BTC @ self.unembed[...].astype(h_BTC.dtype)
+        logits_BTV = logits_BTV.astype(jnp.float32)
+        if not return_maps:
+            return logits_BTV
+        return logits_BTV, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), maps)
+
+    def run_blocks(self, x_BTNC, return_maps):
+        graphdef, stacked_state = nnx.split(self.blocks)
+
+        def body(x_BTNC, layer_state):
+            x_BTNC, maps = nnx.merge(graphdef, layer_state)(x_BTNC)
+            return x_BTNC, (maps if return_maps else None)
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            return jax.lax.scan(body, x_BTNC, stacked_state)
+        per_layer_maps = []
+        n_layers = jax.tree.leaves(stacked_state)[0].shape[0]
+        for layer in range(n_layers):
+            x_BTNC, maps = body(x_BTNC, jax.tree.map(lambda a: a[layer], stacked_state))
+            per_layer_maps.append(maps)
+        return x_BTNC, jax.tree.map(lambda *a: jnp.stack(a), *per_layer_maps)
+
+
+def param_counts(cfg) -> dict:
+    """Parameter counts by role, from shapes alone (`nnx.eval_shape`: nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+    counts = dict(total=0, embedding=0, non_embedding=0, active=0, residual_overhead=0)
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        size = variable.size
+        counts["total"] += size
+        counts["embedding" if path[0] in ("embed", "unembed") else "non_embedding"] += size
+        counts["residual_overhead"] += size if path[1:2] in (("attn_site",), ("mlp_site",)) else 0
+    counts["active"] = counts["total"]  # dense: every parameter takes part in every token
+    return counts
+
+
+def check_config(cfg) -> None:
+    """Raises UserError naming the first field of the model config that cannot work."""
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+        if cfg[field] < 1:
+            raise UserError(f"model.{field}: must be >= 1, got {cfg[field]}")
+    if cfg.d_model % cfg.n_heads:
+        raise UserError(f"model.d_model: {cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
+    if (cfg.d_model // cfg.n_heads) % 2:
+        raise UserError(f"model.d_model: head_dim = d_model // n_heads = {cfg.d_model // cfg.n_heads} "
+                        "must be even for RoPE")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise UserError(f"model.n_kv_heads: {cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}")
+    if cfg.remat not in REMAT_POLICIES:
+        raise UserError(f"model.remat: unknown {cfg.remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"model.dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    residual.check_config(cfg)

@@ -1,0 +1,203 @@
+"""The residual connections, behind one interface. The only file that knows which variant runs.
+
+The model carries a stream x_BTNC of n parallel residual streams per token and calls:
+
+    x_BTNC = expand(x_BTC, n)              # once, after the embedding: copy the token n times
+    x_BTNC, maps = site(x_BTNC, branch)    # at every attention and every MLP sublayer
+    x_BTC = reduce(x_BTNC)                 # once, before the final norm: sum the streams
+
+Every site computes, with its own coefficients (the mHC paper's orientation, Eq. 3):
+
+    u = sum_i H_pre[i] x_i                           # the branch input
+    x'_i = sum_j H_res[i, j] x_j + H_post[i] F(u)   # F = branch, which applies its own pre-norm
+
+and returns the maps it used (`SiteMaps`) so diagnostics read them without recomputation.
+- `residual`:  n = 1 and H_pre = H_post = H_res = 1, i.e. x + F(x).
+- `hc`:        Hyper-Connections (Zhu et al. 2024), static or dynamic (tanh) coefficients.
+- `mhc`:       manifold-constrained HC (Xie et al. 2025): H_pre = sigmoid, H_post = 2 sigmoid,
+               H_res = Sinkhorn-Knopp projection onto the doubly stochastic matrices.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mhc_jax.errors import UserError
+from mhc_jax.layers import RMSNorm, normal, param, rms_normalize
+
+
+class SiteMaps(NamedTuple):
+    pre: jax.Array  # [B, T, n]: weights that read the branch input from the streams
+    post: jax.Array  # [B, T, n]: weights that write the branch output into the streams
+    res: jax.Array  # [B, T, n, n]: stream mixing, row i makes the new stream i
+
+
+def expand(x_BTC: jax.Array, n_streams: int) -> jax.Array:
+    return jnp.broadcast_to(x_BTC[:, :, None, :], (*x_BTC.shape[:2], n_streams, x_BTC.shape[-1]))
+
+
+def reduce(x_BTNC: jax.Array) -> jax.Array:
+    return x_BTNC.sum(axis=2)
+
+
+def apply_maps(x_BTNC: jax.Array, maps: SiteMaps, branch) -> jax.Array:
+    """One site's update, the mixing done in float32 so that row sums of H_res stay exact."""
+    x32_BTNC = x_BTNC.astype(jnp.float32)
+    u_BTC = jnp.einsum("btn,btnc->btc", maps.pre, x32_BTNC).astype(x_BTNC.dtype)
+    y_BTC = branch(u_BTC).astype(jnp.float32)
+    mixed_BTNC = jnp.einsum("btij,btjc->btic", maps.res, x32_BTNC)
+    return (mixed_BTNC + maps.post[..., None] * y_BTC[:, :, None, :]).astype(x_BTNC.dtype)
+
+
+def sinkhorn(logits: jax.Array, iters: int) -> jax.Array:
+    """Sinkhorn-Knopp on exp(logits) [..., n, n]: `iters` rounds of T_c (columns sum to 1) then
+    T_r (rows sum to 1), the paper's Eq. 9. Rows are exact; columns carry the truncation error.
+
+    Runs in the log domain (each normalization is a max-shifted logsumexp), which is the same
+    arithmetic as dividing by sums but cannot underflow to 0/0 for logits far apart (e.g. +-50).
+    """
+    z = logits.astype(jnp.float32)
+
+    def normalize(z, _):
+        z = z - jax.nn.logsumexp(z, axis=-2, keepdims=True)  # T_c
+        z = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)  # T_r
+        return z, None
+
+    z, _ = jax.lax.scan(normalize, z, length=iters)
+    return jnp.exp(z)
+
+
+def _broadcast_maps(x_BTNC: jax.Array, pre, post, res) -> SiteMaps:
+    B, T, n, _ = x_BTNC.shape
+    return SiteMaps(jnp.broadcast_to(pre, (B, T, n)), jnp.broadcast_to(post, (B, T, n)),
+                    jnp.broadcast_to(res, (B, T, n, n)))
+
+
+class Residual(nnx.Module):
+    """The standard pre-norm residual x + F(x), on a stream of n = 1."""
+
+    def __init__(self, cfg, site: int, rngs: nnx.Rngs):
+        del cfg, site, rngs
+
+    def __call__(self, x_BTNC: jax.Array, branch) -> tuple[jax.Array, SiteMaps]:
+        y_BTC = branch(x_BTNC[:, :, 0, :])
+        one = jnp.ones((), jnp.float32)
+        return x_BTNC + y_BTC[:, :, None, :], _broadcast_maps(x_BTNC, one, one, one)
+
+
+class HyperConnection(nnx.Module):
+    """Hyper-Connections (HC paper Eq. 1-13), in the HC paper's own parameters:
+    A_m (read weights), A_r (stream-to-stream), B (write weights); H_pre = A_m, H_post = B,
+    H_res = A_r^T. Initialized (HC Eq. 14) so that the network starts as pre-norm residual:
+    A_m = e_{site mod n}, A_r = I, B = 1 and zero dynamic weights.
+    """
+
+    def __init__(self, cfg, site, rngs: nnx.Rngs):
+        n, C = cfg.n_streams, cfg.d_model
+        self.static_alpha_m = param(jax.nn.one_hot(site % n, n), ("streams",))
+        self.static_alpha_r = param(jnp.eye(n), ("streams", "streams_out"))
+        self.static_beta = param(jnp.ones((n,)), ("streams",))
+        self.dynamic = cfg.hc.dynamic
+        self.use_tanh = cfg.hc.use_tanh
+        if self.dynamic:  # each stream makes its own row of [A_m | A_r] and its own beta
+            self.norm = RMSNorm(C, cfg.norm_eps)
+            self.dynamic_alpha = param(jnp.zeros((C, n + 1)), ("embed", "coeff"))  # [W_m | W_r]
+            self.dynamic_beta = param(jnp.zeros((C,)), ("embed",))  # W_beta
+            self.alpha_scale = param(jnp.full((), cfg.hc.scale_init), ())  # s_alpha
+            self.beta_scale = param(jnp.full((), cfg.hc.scale_init), ())  # s_beta
+
+    def maps(self, x_BTNC: jax.Array) -> SiteMaps:
+        alpha_m = self.static_alpha_m[...]
+        alpha_r = self.static_alpha_r[...]
+        beta = self.static_beta[...]
+        if self.dynamic:
+            squash = jnp.tanh if self.use_tanh else (lambda v: v)
+            xn_BTNC = self.norm(x_BTNC.astype(jnp.float32))
+            dyn_alpha_BTNK = squash(xn_BTNC @ self.dynamic_alpha[...])
+            dyn_beta_BTN = squash(xn_BTNC @ self.dynamic_beta[...])
+            alpha_m = alpha_m + self.alpha_scale[...] * dyn_alpha_BTNK[..., 0]
+            alpha_r = alpha_r + self.alpha_scale[...] * dyn_alpha_BTNK[..., 1:]
+            beta = beta + self.beta_scale[...] * dyn_beta_BTN
+        return _broadcast_maps(x_BTNC, alpha_m, beta, jnp.swapaxes(alpha_r, -1, -2))
+
+    def __call__(self, x_BTNC: jax.Array, branch) -> tuple[jax.Array, SiteMaps]:
+        maps = self.maps(x_BTNC)
+        return apply_maps(x_BTNC, maps, branch), maps
+
+
+class ManifoldHyperConnection(nnx.Module):
+    """mHC (mHC paper Eq. 7-9): coefficients from the whole token state flattened to n*C, one
+    RMSNorm over n*C and one projection phi [n*C, 2n + n^2] packed as [pre | post | res], gated by
+    alpha = (alpha_pre, alpha_post, alpha_res) and offset by the static bias b.
+
+    Init (spec section 8): sigmoid(b_pre) = 1/n, 2 sigmoid(b_post) = 1, b_res = s * I, alpha = 0.01,
+    phi random. With identical streams this is exactly the pre-norm residual network, and the
+    random phi breaks the stream symmetry once training moves alpha.
+    """
+
+    def __init__(self, cfg, site, rngs: nnx.Rngs):
+        del site
+        n, C = cfg.n_streams, cfg.d_model
+        mhc = cfg.mhc
+        phi_std = mhc.phi_init_scale * (n * C) ** -0.5
+        self.phi = param(normal(rngs, (n * C, 2 * n + n * n), phi_std), ("stream_embed", "coeff"))
+        self.alpha = param(jnp.full((3,), mhc.alpha_init), (None,))
+        bias = jnp.concatenate([jnp.full((n,), -math.log(n - 1)), jnp.zeros((n,)),
+                                mhc.res_init_scale * jnp.eye(n).ravel()])
+        self.bias = param(bias, ("coeff",))
+        self.n = n
+        self.eps = cfg.norm_eps
+        self.coeff_dtype = jnp.dtype(mhc.coeff_dtype)
+        self.sinkhorn_iters = mhc.sinkhorn_iters
+        self.use_pre, self.use_post, self.use_res = mhc.use_pre, mhc.use_post, mhc.use_res
+
+    def maps(self, x_BTNC: jax.Array) -> SiteMaps:
+        B, T, n, C = x_BTNC.shape
+        x_BTK = rms_normalize(x_BTNC.reshape(B, T, n * C).astype(self.coeff_dtype), self.eps)
+        proj_BTP = (x_BTK @ self.phi[...].astype(self.coeff_dtype)).astype(jnp.float32)
+        a_pre, a_post, a_res = self.alpha[...]
+        b_pre, b_post, b_res = jnp.split(self.bias[...], [n, 2 * n])
+        p_pre, p_post, p_res = jnp.split(proj_BTP, [n, 2 * n], axis=-1)
+        pre = jax.nn.sigmoid(a_pre * p_pre + b_pre) if self.use_pre else jnp.full((n,), 1.0 / n)
+        post = 2.0 * jax.nn.sigmoid(a_post * p_post + b_post) if self.use_post else jnp.ones((n,))
+        res_logits = (a_res * p_res + b_res).reshape(B, T, n, n)
+        res = sinkhorn(res_logits, self.sinkhorn_iters) if self.use_res else jnp.eye(n)
+        return _broadcast_maps(x_BTNC, pre, post, res)
+
+    def __call__(self, x_BTNC: jax.Array, branch) -> tuple[jax.Array, SiteMaps]:
+        maps = self.maps(x_BTNC)
+        return apply_maps(x_BTNC, maps, branch), maps
+
+
+SITES = {"residual": Residual, "hc": HyperConnection, "mhc": ManifoldHyperConnection}
+
+
+def make_site(cfg, site, rngs: nnx.Rngs) -> nnx.Module:
+    """The residual site with index `site` (2 * layer for attention, 2 * layer + 1 for the MLP)."""
+    return SITES[cfg.residual](cfg, site, rngs)
+
+
+def out_proj_scale(cfg) -> float:
+    """Multiplier on the init std of the output projections (HC paper section 4: sqrt(n))."""
+    return cfg.hc.out_proj_scale if cfg.residual == "hc" else 1.0
+
+
+def check_config(cfg) -> None:
+    """Raises UserError for a model config that no residual connection here can run."""
+    if cfg.residual not in SITES:
+        raise UserError(f"model.residual: unknown {cfg.residual!r}; choose one of {', '.join(SITES)}")
+    n = cfg.n_streams
+    if n < 1:
+        raise UserError(f"model.n_streams: must be >= 1, got {n}")
+    if cfg.residual == "residual" and n != 1:
+        raise UserError(f"model.n_streams: the residual variant has one stream, got {n}; use hc or mhc for n > 1")
+    if cfg.residual == "mhc":
+        if n < 2:
+            raise UserError(f"model.n_streams: mhc needs n >= 2 (n = 1 is the residual variant), got {n}")
+        if cfg.mhc.coeff_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"model.mhc.coeff_dtype: unknown {cfg.mhc.coeff_dtype!r}; choose float32 or bfloat16")
+        if cfg.mhc.sinkhorn_iters < 1:
+            raise UserError(f"model.mhc.sinkhorn_iters: must be >= 1, got {cfg.mhc.sinkhorn_iters}")

@@ -1,0 +1,26 @@
+"""Print the parameter counts of a config as one JSON object, without allocating the model.
+
+    python scripts/count_params.py --config=configs/pretrain.py:mhc,1b
+
+embedding: the token embedding table (+ the unembedding when untied); non_embedding: the rest;
+active: parameters used per token (all of them in these dense models); residual_overhead: the
+parameters of the HC/mHC sites, i.e. what the variant adds to the residual model of the same scale.
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mhc_jax import cli, model  # noqa: E402
+
+
+def main(argv):
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; usage: count_params.py --config=configs/pretrain.py:<variant>,<scale>")
+    print(json.dumps(model.param_counts(cli.load_config().model)))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,39 @@
+"""Small helpers shared by the tests: debug-scale models, tokens, loss and gradients."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from configs.pretrain import get_config
+from mhc_jax.model import Transformer
+
+
+def debug_model_config(variant: str, overrides: dict | None = None):
+    """The debug-scale model config of `variant`, with dotted overrides like {'mhc.alpha_init': 0.0}."""
+    cfg = get_config(f"{variant},debug").model
+    cfg.update_from_flattened_dict(overrides or {})
+    return cfg
+
+
+def make_model(variant: str, overrides: dict | None = None, seed: int = 0) -> Transformer:
+    return Transformer(debug_model_config(variant, overrides), nnx.Rngs(seed))
+
+
+def random_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 1) -> jax.Array:
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab_size)
+
+
+def loss_and_grads(model: Transformer, tokens_BT: jax.Array):
+    """Next-token cross-entropy and its gradients with respect to every parameter."""
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss_fn(params):
+        logits_BTV = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT[:, 1:]).mean()
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+def relative_error(a, b) -> float:
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))

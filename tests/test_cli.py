@@ -1,0 +1,49 @@
+"""The command-line contract: JSON out on success; on bad input one line on stderr naming the
+field, exit code 2, no traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_count_params_prints_one_json_object():
+    result = run_script("scripts/count_params.py", "--config=configs/pretrain.py:mhc,1b")
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    assert set(counts) == {"total", "embedding", "non_embedding", "active", "residual_overhead"}
+    assert counts["non_embedding"] > 0.9e9 and counts["residual_overhead"] > 0
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--config=configs/pretrain.py:hyper,debug"], "unknown variant 'hyper'"),
+    (["--config=configs/pretrain.py:mhc,7b"], "unknown scale '7b'"),
+    (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_streams=0"], "model.n_streams"),
+    (["--config=configs/pretrain.py:hc,debug", "--config.model.d_model=66"], "model.d_model"),
+    (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["--config=configs/pretrain.py:mhc,debug", "--config.model.no_such_field=1"], "--config.model.no_such_field"),
+    (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_layers=two"], "--config.model.n_layers"),
+    (["--config=configs/missing.py:mhc,debug"], "configs/missing.py"),
+])
+def test_bad_input_is_one_line_naming_the_field(args, field):
+    result = run_script("scripts/count_params.py", *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert field in lines[0]
+
+
+def test_train_validates_its_config_the_same_way():
+    result = run_script("train.py", "--config=configs/pretrain.py:residual,debug", "--config.model.n_streams=4")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: model.n_streams: the residual variant has one stream, got 4; use hc or mhc for n > 1"]

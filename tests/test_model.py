@@ -1,0 +1,74 @@
+"""The decoder: causality, finite forward and backward, and compile-time switches that must not
+change the math (scan vs unrolled layers, rematerialization)."""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import loss_and_grads, make_model, random_tokens
+
+
+def test_forward_and_backward_are_finite(variant):
+    model = make_model(variant)
+    tokens = random_tokens(512, length=17)
+    loss, grads = loss_and_grads(model, tokens)
+    assert np.isfinite(float(loss)) and abs(float(loss) - np.log(512)) < 1.0  # near-uniform at init
+    flat = nnx.to_flat_state(grads)
+    for path, grad in flat:
+        assert bool(jnp.isfinite(grad[...]).all()), path
+    site_grads = [g[...] for path, g in flat if any(str(p).endswith("_site") for p in path)]
+    if variant != "residual":  # the coefficient path is connected to the loss
+        assert float(sum(jnp.abs(g).sum() for g in site_grads)) > 0
+
+
+def test_causal(variant):
+    """Changing token t changes no logit before t, and does change logits from t on."""
+    model = make_model(variant)
+    tokens = random_tokens(512, length=16)
+    t = 9
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % 512)
+    logits, logits_changed = model(tokens), model(changed)
+    np.testing.assert_array_equal(logits[:, :t], logits_changed[:, :t])
+    assert float(jnp.abs(logits[:, t:] - logits_changed[:, t:]).max()) > 1e-4
+
+
+@functools.cache
+def scanned_without_remat(variant, tokens_key):
+    model = make_model(variant, {"scan_layers": True, "remat": "none"})
+    tokens = random_tokens(512, length=17, seed=tokens_key)
+    return model(tokens), *loss_and_grads(model, tokens)
+
+
+@pytest.mark.parametrize("overrides", [{"scan_layers": False}, {"remat": "full"}, {"remat": "dots"},
+                                       {"scan_layers": False, "remat": "full"}])
+@pytest.mark.parametrize("variant", ["residual", "hc", "mhc"])
+def test_compile_switches_keep_logits_and_gradients(variant, overrides):
+    tokens = random_tokens(512, length=17, seed=5)
+    ref_logits, ref_loss, ref_grads = scanned_without_remat(variant, 5)
+    switched = make_model(variant, overrides)
+    np.testing.assert_allclose(switched(tokens), ref_logits, rtol=1e-5, atol=1e-5)
+    loss, grads = loss_and_grads(switched, tokens)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for (path, g), (_, ref_g) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)):
+        np.testing.assert_allclose(g[...], ref_g[...], rtol=1e-4, atol=1e-6, err_msg=str(path))
+
+
+def test_site_maps_come_out_in_site_order():
+    """return_maps stacks the 2L sites as attention 0, MLP 0, attention 1, ...: HC's one-hot read of
+    site k is stream k mod n, which tells the order."""
+    model = make_model("hc")
+    logits, maps = model(random_tokens(512), return_maps=True)
+    assert maps.res.shape == (4, 2, 16, 4, 4)
+    np.testing.assert_array_equal(jnp.argmax(maps.pre[:, 0, 0], -1), [0, 1, 2, 3])
+    np.testing.assert_array_equal(logits, model(random_tokens(512)))
+
+
+def test_bfloat16_compute_keeps_float32_coefficients():
+    model = make_model("mhc", {"dtype": "bfloat16"})
+    logits, maps = model(random_tokens(512), return_maps=True)
+    assert logits.dtype == jnp.float32 and maps.res.dtype == jnp.float32
+    np.testing.assert_allclose(maps.res.sum(-1), 1.0, atol=1e-6)
+    assert bool(jnp.isfinite(logits).all())
