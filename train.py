@@ -12,10 +12,12 @@ import sys
 
 from mhc_jax import cli, model
 
+CONFIG = cli.define_config_flag()
+
 
 def main(argv):
     del argv
-    counts = model.param_counts(cli.load_config().model)
+    counts = model.param_counts(cli.load_config(CONFIG).model)
     print(json.dumps(counts))
     print("train.py: the config is valid, but the training loop is not implemented yet (issue #4)",
           file=sys.stderr)

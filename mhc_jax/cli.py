@@ -9,8 +9,11 @@ from ml_collections import config_flags
 from mhc_jax import model
 from mhc_jax.errors import UserError
 
-CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "configs/pretrain.py:<variant>,<scale>, e.g. configs/pretrain.py:mhc,10m")
+
+def define_config_flag() -> flags.FlagHolder:
+    """--config=configs/pretrain.py:<variant>,<scale>, for the scripts that take a config."""
+    return config_flags.DEFINE_config_file(
+        "config", None, "configs/pretrain.py:<variant>,<scale>, e.g. configs/pretrain.py:mhc,10m")
 
 
 def fail(message: str) -> None:
@@ -53,9 +56,9 @@ def run(main) -> None:
     app.run(guarded, flags_parser=_parse_flags)
 
 
-def load_config():
+def load_config(config_flag: flags.FlagHolder):
     """The --config ConfigDict with overrides applied, checked; UserError if it cannot work."""
-    config = CONFIG.value
+    config = config_flag.value
     if config is None:
         raise UserError("--config: required, e.g. --config=configs/pretrain.py:mhc,debug")
     try:

@@ -15,11 +15,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mhc_jax import cli, model  # noqa: E402
 
+CONFIG = cli.define_config_flag()
+
 
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; usage: count_params.py --config=configs/pretrain.py:<variant>,<scale>")
-    print(json.dumps(model.param_counts(cli.load_config().model)))
+    print(json.dumps(model.param_counts(cli.load_config(CONFIG).model)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Small helpers shared by the tests: debug-scale models, tokens, loss and gradients."""
+"""Small helpers shared by the tests: debug-scale models, tokens, loss and gradients, a corpus."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -37,3 +38,19 @@ def loss_and_grads(model: Transformer, tokens_BT: jax.Array):
 
 def relative_error(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+WORDS = ("the stream of residual mixing matrix layer token model signal gain depth width norm "
+         "sinkhorn doubly stochastic manifold hyper connection paper train loss step grows stays "
+         "near one large small every each learns reads writes sums copies café naïve 数据 🙂").split()
+
+
+def corpus_documents(n_documents: int = 240, seed: int = 0) -> list[str]:
+    """Deterministic made-up documents (with some non-ASCII text and two exact duplicates)."""
+    rng = np.random.default_rng(seed)
+    documents = []
+    for _ in range(n_documents):
+        sentences = [" ".join(rng.choice(WORDS, size=rng.integers(4, 14))).capitalize() + "."
+                     for _ in range(rng.integers(1, 8))]
+        documents.append(" ".join(sentences))
+    return documents + documents[:2]

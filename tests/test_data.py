@@ -1,0 +1,155 @@
+"""The grain pipelines: windows, determinism by (seed, step, global batch), process slices,
+resume from iterator state, the evaluation pass, global arrays."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from helpers import corpus_documents
+from mhc_jax import data, prepare
+from mhc_jax.errors import UserError
+
+SEQ_LEN, BATCH = 32, 8
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    source = folder / "source"
+    source.mkdir()
+    for i, doc in enumerate(corpus_documents(600)):
+        (source / f"{i:04d}.txt").write_text(doc)
+    recipe = prepare.Recipe(sources=(str(source),), vocab_size=400, val_fraction=0.2)
+    manifest, _ = prepare.prepare(folder / "out", recipe, command="test")
+    return folder / "out", manifest
+
+
+def stream(dataset, split):
+    out, manifest = dataset
+    windows = data.TokenWindows(out, manifest, split, seq_len=1)
+    return np.concatenate([np.frombuffer(windows.records[i], windows.dtype) for i in range(len(windows.records))])
+
+
+def batches(dataset, **kwargs):
+    out, manifest = dataset
+    return data.train_batches(out, manifest, **{"seq_len": SEQ_LEN, "global_batch_size": BATCH, "seed": 0, **kwargs})
+
+
+def test_windows_are_consecutive_slices_of_the_token_stream(dataset):
+    out, manifest = dataset
+    tokens = stream(dataset, "train")
+    windows = data.TokenWindows(out, manifest, "train", SEQ_LEN)
+    assert len(windows) == (len(tokens) - 1) // SEQ_LEN and len(tokens) > 2 * prepare.RECORD_TOKENS
+    for i in (0, 1, 255, 256, len(windows) - 1):  # window 255 ends on the first token of record 1
+        np.testing.assert_array_equal(windows[i], tokens[i * SEQ_LEN:(i + 1) * SEQ_LEN + 1])
+        assert windows[i].dtype == np.int32
+
+
+def test_an_epoch_visits_every_window_once_and_the_next_epoch_reshuffles(dataset):
+    out, manifest = dataset
+    n = len(data.TokenWindows(out, manifest, "train", SEQ_LEN))
+    ds = batches(dataset, global_batch_size=1)
+    epoch = [tuple(ds[k]["tokens"][0]) for k in range(n)]
+    assert len(set(epoch)) == n
+    assert [tuple(ds[n + k]["tokens"][0]) for k in range(n)] != epoch
+    assert set(tuple(ds[n + k]["tokens"][0]) for k in range(n)) == set(epoch)
+
+
+def test_batches_are_a_function_of_seed_and_step(dataset):
+    a, b = batches(dataset), batches(dataset)
+    for step in (0, 3, 1000):
+        np.testing.assert_array_equal(a[step]["tokens"], b[step]["tokens"])
+    assert not np.array_equal(batches(dataset, seed=1)[0]["tokens"], a[0]["tokens"])
+    assert a[0]["tokens"].shape == (BATCH, SEQ_LEN + 1)
+
+
+def test_starting_at_step_k_gives_the_kth_batch(dataset):
+    ds = batches(dataset)
+    from_zero = data.train_iterator(ds)
+    for _ in range(7):
+        next(from_zero)
+    started = data.train_iterator(ds, start_step=7)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(started)["tokens"], next(from_zero)["tokens"])
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_read_their_rows_of_the_same_global_batch(dataset, process_count):
+    single = batches(dataset)
+    shares = [batches(dataset, process_index=p, process_count=process_count) for p in range(process_count)]
+    for step in (0, 1, 50):
+        rows = [share[step]["tokens"] for share in shares]
+        assert rows[0].shape == (BATCH // process_count, SEQ_LEN + 1)
+        np.testing.assert_array_equal(np.concatenate(rows), single[step]["tokens"])
+
+
+def test_resume_from_saved_iterator_state(dataset):
+    ds = batches(dataset)
+    running = data.train_iterator(ds)
+    for _ in range(4):
+        next(running)
+    state = running.get_state()
+    resumed = data.train_iterator(ds)
+    resumed.set_state(state)
+    for _ in range(3):
+        np.testing.assert_array_equal(next(resumed)["tokens"], next(running)["tokens"])
+
+
+def test_evaluation_is_one_ordered_pass_with_weighted_padding(dataset):
+    out, manifest = dataset
+    windows = data.TokenWindows(out, manifest, "validation", SEQ_LEN)
+    evals = data.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH)
+    tokens = np.concatenate([b["tokens"] for b in evals])
+    weights = np.concatenate([b["weight"] for b in evals])
+    assert len(evals) == -(-len(windows) // BATCH) and weights.sum() == len(windows)
+    np.testing.assert_array_equal(tokens[:len(windows)], np.stack([windows[i] for i in range(len(windows))]))
+    assert not weights[len(windows):].any()
+    halves = [data.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH, process_index=p,
+                                process_count=2) for p in range(2)]
+    last = len(evals) - 1
+    np.testing.assert_array_equal(np.concatenate([h[last]["tokens"] for h in halves]), evals[last]["tokens"])
+    assert len(data.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH, max_batches=2)) == 2
+
+
+def test_global_batch_on_eight_devices(dataset):
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    local = batches(dataset)[0]
+    sharded = data.global_batch(local, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    assert len(sharded["tokens"].addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(sharded["tokens"]), local["tokens"])
+
+
+def test_vocab_size_comes_from_the_data_unless_overridden(dataset):
+    _, manifest = dataset
+    assert data.resolve_vocab_size(32768, manifest, overridden=False) == 400
+    assert data.resolve_vocab_size(512, manifest, overridden=True) == 512
+    with pytest.raises(UserError, match="model.vocab_size: 300 is smaller than the data's tokenizer"):
+        data.resolve_vocab_size(300, manifest, overridden=True)
+
+
+def test_bad_pipeline_inputs(dataset, tmp_path):
+    out, manifest = dataset
+    with pytest.raises(UserError, match="prepare_data.py --out="):
+        data.load_manifest(tmp_path)
+    with pytest.raises(UserError, match="train.seq_len"):
+        data.TokenWindows(out, manifest, "validation", seq_len=10**7)
+    with pytest.raises(UserError, match="train.batch_size: 8 is not divisible by the 3 processes"):
+        batches(dataset, process_count=3)
+
+
+def test_bench_reports_pipeline_and_train_throughput(dataset):
+    out, _ = dataset
+    result = subprocess.run([sys.executable, "scripts/bench.py", f"--data_dir={out}", "--scale=debug", "--seq_len=32",
+                             "--data_batches=20", "--train_steps=1"], cwd=Path(__file__).parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["data_tokens_per_sec"] > 0 and report["train_tokens_per_sec"] > 0
+    assert report["data_over_train"] == pytest.approx(report["data_tokens_per_sec"] / report["train_tokens_per_sec"],
+                                                      rel=0.01)

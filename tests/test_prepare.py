@@ -1,0 +1,218 @@
+"""scripts/prepare_data.py and what is behind it: sources, split, tokenizers, shards, manifest."""
+
+import gzip
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece
+
+from helpers import corpus_documents
+from mhc_jax import corpus, data, prepare
+from mhc_jax.errors import UserError
+from mhc_jax.tokenizer import gpt2_tokenizer, load_tokenizer, train_bpe
+
+ROOT = Path(__file__).parents[1]
+DOCUMENTS = corpus_documents()
+SMALL = dict(vocab_size=400, val_fraction=0.25)
+
+
+def write_source(folder: Path, kind: str, documents=DOCUMENTS) -> Path:
+    """The documents in one of the formats a user can bring."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "txt":
+        for i, doc in enumerate(documents):
+            (folder / f"doc-{i:04d}.txt").write_text(doc)
+        return folder
+    if kind in ("jsonl", "jsonl.gz"):
+        lines = "".join(json.dumps({"id": i, "text": doc}) + "\n" for i, doc in enumerate(documents))
+        path = folder / f"docs.{kind}"
+        path.write_bytes(gzip.compress(lines.encode(), mtime=0) if kind.endswith(".gz") else lines.encode())
+        return path
+    if kind == "parquet":
+        path = folder / "docs.parquet"
+        pq.write_table(pa.table({"id": list(range(len(documents))), "text": documents}), path)
+        return path
+    if kind == "save_to_disk":
+        datasets.Dataset.from_dict({"text": documents}).save_to_disk(str(folder / "hf"))
+        return folder / "hf"
+    raise ValueError(kind)
+
+
+def split_documents(out: Path, manifest: dict, split: str) -> list[str]:
+    """A split's documents, read back from its shards and decoded."""
+    tokenizer = data.load_data_tokenizer(out, manifest)
+    windows = data.TokenWindows(out, manifest, split, seq_len=1)
+    stream = np.concatenate([np.frombuffer(windows.records[i], windows.dtype)
+                             for i in range(len(windows.records))]).astype(np.int64)
+    ends = np.flatnonzero(stream == tokenizer.eos_id)
+    assert ends[-1] == len(stream) - 1  # every document, the last one too, ends with end-of-text
+    return [tokenizer.decode(doc[:-1]) for doc in np.split(stream, ends + 1)[:-1]]
+
+
+def build(out: Path, sources, **recipe) -> dict:
+    manifest, built = prepare.prepare(out, prepare.Recipe(sources=tuple(map(str, sources)), **{**SMALL, **recipe}),
+                                      command="test")
+    assert built
+    return manifest
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "jsonl.gz", "parquet", "save_to_disk"])
+def test_every_source_format_round_trips(tmp_path, kind):
+    source = write_source(tmp_path / "source", kind)
+    manifest = build(tmp_path / "data", [source])
+    train = split_documents(tmp_path / "data", manifest, "train")
+    validation = split_documents(tmp_path / "data", manifest, "validation")
+    assert train == [d for d in DOCUMENTS if not prepare.in_validation(d, 0.25)]
+    assert validation == [d for d in DOCUMENTS if prepare.in_validation(d, 0.25)]
+    assert not set(train) & set(validation)  # the duplicated documents land on one side
+    assert 0.15 < len(validation) / len(DOCUMENTS) < 0.35
+    assert manifest["splits"]["train"]["documents"] == len(train)
+    assert manifest["sources"][0]["documents"] == len(DOCUMENTS)
+
+
+def test_same_inputs_give_identical_bytes(tmp_path):
+    source = write_source(tmp_path / "source", "jsonl")
+    first, second = build(tmp_path / "a", [source]), build(tmp_path / "b", [source])
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in files:
+        if name != "manifest.json":
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    first.pop("created"), second.pop("created")
+    assert first == second
+
+
+def test_same_recipe_again_changes_nothing(tmp_path):
+    source = write_source(tmp_path / "source", "txt")
+    build(tmp_path / "data", [source])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+    _, built = prepare.prepare(tmp_path / "data", prepare.Recipe(sources=(str(source),), **SMALL), command="test")
+    assert not built
+    assert before == {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
+
+
+def test_records_are_fixed_size_and_shards_hashed(tmp_path):
+    manifest = build(tmp_path / "data", [write_source(tmp_path / "source", "jsonl")])
+    windows = data.TokenWindows(tmp_path / "data", manifest, "train", seq_len=1)
+    sizes = [len(windows.records[i]) // windows.dtype.itemsize for i in range(len(windows.records))]
+    assert sizes[:-1] == [prepare.RECORD_TOKENS] * (len(sizes) - 1) and 0 < sizes[-1] <= prepare.RECORD_TOKENS
+    assert sum(sizes) == manifest["splits"]["train"]["tokens"]
+    for shard in manifest["splits"]["train"]["shards"]:
+        assert shard["sha256"] == prepare.file_sha256(tmp_path / "data" / shard["file"])
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for i, doc in enumerate(DOCUMENTS[:40]):
+        (source / f"{i:02d}.txt").write_text(doc)
+    (source / "bad.txt").write_bytes("ok \ufffd stays ".encode() + b"\xff\xfe then " + b"\xc3")
+    manifest = build(tmp_path / "data", [source], val_fraction=0.5)
+    assert manifest["invalid_utf8"] == 3  # \xff, \xfe and the truncated \xc3; the real U+FFFD is not counted
+    everything = split_documents(tmp_path / "data", manifest, "train") + \
+        split_documents(tmp_path / "data", manifest, "validation")
+    assert "ok \ufffd stays \ufffd\ufffd then \ufffd" in everything
+
+
+def test_debian_sources_split_info_files_into_nodes(tmp_path, monkeypatch):
+    (tmp_path / "manual.info.gz").write_bytes(gzip.compress(b"node one\x1fnode two\x1f\nnode three"))
+    monkeypatch.setitem(corpus.DEBIAN_SOURCES, "fixture", ("fixture-doc", str(tmp_path / "*.info.gz"), "info"))
+    stats = []
+    assert list(corpus.documents(["debian:fixture"], "text", stats)) == ["node one", "node two", "\nnode three"]
+    assert stats[0].record()["files"] == 1
+    monkeypatch.setitem(corpus.DEBIAN_SOURCES, "absent", ("absent-doc", str(tmp_path / "none*"), "text"))
+    with pytest.raises(UserError, match="apt-get install absent-doc"):
+        list(corpus.documents(["debian:absent"], "text", []))
+
+
+def test_stdlib_source_is_sorted_python_files():
+    files = corpus.stdlib_files()
+    names = [p.relative_to(sysconfig.get_paths()["stdlib"]).as_posix() for p in files]
+    assert len(files) > 500 and all(name.endswith(".py") for name in names)
+    assert names == sorted(names) and not any("site-packages" in name for name in names)
+
+
+def test_trained_bpe_saves_and_loads(tmp_path):
+    tokenizer = train_bpe(DOCUMENTS, 400)
+    loaded = load_tokenizer(tokenizer.save(tmp_path))
+    assert (loaded.vocab_size, loaded.eos_id) == (tokenizer.vocab_size, tokenizer.eos_id) == (400, 0)
+    for doc, a, b in zip(DOCUMENTS, tokenizer.encode_batch(DOCUMENTS), loaded.encode_batch(DOCUMENTS)):
+        np.testing.assert_array_equal(a, b)
+        assert loaded.decode(b) == doc
+
+
+def test_gpt2_files_from_the_package(tmp_path):
+    tokenizer = gpt2_tokenizer()
+    assert (tokenizer.vocab_size, tokenizer.eos_id) == (50257, 50256)
+    np.testing.assert_array_equal(tokenizer.encode_batch(["Hello world"])[0], [15496, 995])
+    loaded = load_tokenizer(tokenizer.save(tmp_path))
+    np.testing.assert_array_equal(loaded.encode_batch(DOCUMENTS[:3])[2], tokenizer.encode_batch(DOCUMENTS[:3])[2])
+
+
+def test_sentencepiece_model_prepares_and_reloads(tmp_path):
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(DOCUMENTS), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=120, bos_id=-1, eos_id=1, minloglevel=2)
+    source = write_source(tmp_path / "source", "jsonl")
+    manifest = build(tmp_path / "data", [source], tokenizer=str(tmp_path / "sp.model"))
+    assert manifest["tokenizer"]["file"] == "tokenizer.model" and manifest["tokenizer"]["eos_id"] == 1
+    reloaded = data.load_data_tokenizer(tmp_path / "data", manifest)
+    original = load_tokenizer(tmp_path / "sp.model")
+    np.testing.assert_array_equal(reloaded.encode_batch(DOCUMENTS[:1])[0], original.encode_batch(DOCUMENTS[:1])[0])
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, "scripts/prepare_data.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def no_leftovers(parent: Path) -> bool:
+    return not [p for p in parent.iterdir() if ".partial-" in p.name or ".replaced-" in p.name]
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    out = tmp_path / "out"
+    assert_user_error(run_prepare(f"--out={out}", f"--source={tmp_path / 'missing'}"), "--source", "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    assert_user_error(run_prepare(f"--out={out}", f"--source={empty}"), "no non-empty documents")
+    lines = [json.dumps({"text": "fine"}), json.dumps({"text": "also fine"}), json.dumps({"body": "no text"})]
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    assert_user_error(run_prepare(f"--out={out}", f"--source={tmp_path / 'bad.jsonl'}"),
+                      f"{tmp_path / 'bad.jsonl'}:3", "'text'")
+    assert_user_error(run_prepare(f"--out={out}", f"--source={empty}", "--vocab_size=100"), "--vocab_size")
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_a_different_dataset_is_kept_unless_overwrite(tmp_path):
+    source, out = write_source(tmp_path / "source", "jsonl"), tmp_path / "out"
+    assert run_prepare(f"--out={out}", f"--source={source}", "--vocab_size=400", "--val_fraction=0.25").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_user_error(run_prepare(f"--out={out}", f"--source={source}", "--vocab_size=300", "--val_fraction=0.25"),
+                      "different dataset", "--overwrite")
+    assert before == {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run_prepare(f"--out={out}", f"--source={source}", "--vocab_size=300", "--val_fraction=0.25", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "manifest.json").read_text())["tokenizer"]["vocab_size"] == 300
+    assert no_leftovers(tmp_path)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    assert_user_error(run_prepare(f"--out={stranger}", f"--source={source}"), "not a dataset")
+    assert (stranger / "notes.txt").read_text() == "mine"
