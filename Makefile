@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test
+.PHONY: setup test train
 
 setup: $(VENV)/.installed
 
@@ -14,3 +14,13 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The main job: mHC at the 10m scale on the default corpus (prepared on first use), sized to finish
+# in about 8 minutes on 2 CPU cores; then DIR/run.png. On a GPU/TPU host the same command uses it.
+MAIN_JOB := --config=configs/pretrain.py:mhc,10m --workdir=runs/mhc-10m \
+	--config.train.steps=150 --config.train.batch_size=8 --config.train.seq_len=128 \
+	--config.train.warmup_steps=15 --config.train.eval_every=50 --config.train.diag_every=25 \
+	--config.train.checkpoint_every=50 --config.train.log_every=5
+
+train: setup
+	$(BIN)/python train.py $(MAIN_JOB)

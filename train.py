@@ -1,27 +1,46 @@
-"""Pretraining entry point (command-line contract in README.md):
+"""Pretraining entry point:
 
     python train.py --config=configs/pretrain.py:<variant>,<scale> --workdir=DIR [--config.a.b=value ...]
 
-Not yet a trainer: the training loop, checkpoints and metrics arrive with the trainer issue (#4).
-Today it checks the config and the model it describes, prints the parameter counts, and exits
-with status 1 because nothing was trained.
+Resumes from the newest checkpoint in DIR/checkpoints. SIGTERM or SIGINT saves a checkpoint of
+the current step and exits 0; the same command resumes. Several processes (a TPU pod, a GPU
+cluster, or CPU processes on one machine) run the same command with --distributed, or with
+--coordinator_address, --num_processes and --process_id.
 """
 
-import json
 import sys
 
-from mhc_jax import cli, model
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from mhc_jax import cli, trainer
 
 CONFIG = cli.define_config_flag()
+WORKDIR = flags.DEFINE_string("workdir", None, "where config.json, metrics.jsonl and checkpoints/ go")
+DISTRIBUTED = flags.DEFINE_bool("distributed", False, "start JAX's multi-process runtime, detecting the cluster "
+                                "(TPU pod, SLURM, ...) unless the three flags below say otherwise")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes run this command")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
 
 
 def main(argv):
-    del argv
-    counts = model.param_counts(cli.load_config(CONFIG).model)
-    print(json.dumps(counts))
-    print("train.py: the config is valid, but the training loop is not implemented yet (issue #4)",
-          file=sys.stderr)
-    return 1
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
+    if not WORKDIR.value:
+        cli.fail("--workdir: required, e.g. --workdir=runs/mhc-10m")
+    config = cli.load_config(CONFIG)
+    if DISTRIBUTED.value or (NUM_PROCESSES.value or 1) > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    try:
+        trainer.train(config, WORKDIR.value, vocab_overridden="model.vocab_size" in overrides)
+    except trainer.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ import ml_collections
 from configs.scales import SCALES
 from mhc_jax.errors import UserError
 
+# Training defaults by scale: (steps, global batch in sequences, seq_len, peak lr, warmup steps).
+TRAINING = {
+    "debug": (200, 8, 64, 3e-3, 20),
+    "10m": (2000, 32, 256, 3e-3, 200),
+    "100m": (20000, 256, 1024, 1e-3, 2000),
+    "1b": (50000, 512, 2048, 4e-4, 2000),
+}
+
 # variant -> (model.residual, model.n_streams); 'hc_static' also sets model.hc.dynamic = False.
 VARIANTS = {
     "residual": ("residual", 1),
@@ -50,7 +58,7 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     m.tie_embeddings = shape["tie_embeddings"]  # unembed with the transposed embedding table
     m.rope_theta = 10_000.0  # RoPE base (the paper's Table 5)
     m.norm_eps = 1e-6  # RMSNorm epsilon, everywhere in the model
-    m.dtype = "float32"  # compute dtype of activations ('bfloat16' on GPU/TPU); params stay float32
+    m.dtype = "auto"  # compute dtype of activations: 'auto' is bfloat16 on GPU/TPU, float32 on CPU; params stay float32
     m.scan_layers = True  # lax.scan over the stacked blocks: compile time independent of depth
     m.remat = shape["remat"]  # per-block rematerialization: 'none', 'full' (keep only the stream) or 'dots'
 
@@ -69,4 +77,45 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     mhc.use_pre = True  # False fixes H_pre = 1/n (the paper's Table 1 ablation)
     mhc.use_post = True  # False fixes H_post = 1
     mhc.use_res = True  # False fixes H_res = I
+
+    steps, batch_size, seq_len, lr, warmup_steps = TRAINING[scale]
+    t = config.train = ml_collections.ConfigDict()
+    t.steps = steps  # horizon of the schedule; a resumed run keeps it
+    t.batch_size = batch_size  # global batch in sequences, over all processes and microbatches
+    t.seq_len = seq_len  # tokens per sequence (the model sees seq_len, predicts the next seq_len)
+    t.microbatches = 1  # gradient accumulation: the batch is split into this many sequential parts
+    t.lr = lr  # peak learning rate
+    t.schedule = "step"  # 'step' (the paper's: x0.316 at 80%, x0.1 at 90% of steps), 'cosine' or 'wsd'
+    t.warmup_steps = warmup_steps  # linear warmup, for every schedule
+    t.min_lr_ratio = 0.1  # 'cosine' and 'wsd' end at this fraction of lr
+    t.decay_fraction = 0.2  # 'wsd' decays over this last fraction of the steps
+    t.weight_decay = 0.1  # AdamW decoupled weight decay (not on norms, gates, static HC/mHC parameters)
+    t.b1 = 0.9  # AdamW beta1
+    t.b2 = 0.95  # AdamW beta2
+    t.eps = 1e-8  # AdamW epsilon
+    t.grad_clip = 1.0  # clip the global gradient norm to this
+    t.seed = 0  # parameter init and data order
+    t.log_every = 10  # steps between lines of metrics.jsonl
+    t.eval_every = 200  # steps between validation losses (and at the end)
+    t.eval_batches = 8  # validation batches per evaluation (0: the whole split)
+    t.diag_every = 50  # steps between Amax gain / stream RMS diagnostics
+    t.checkpoint_every = 500  # steps between checkpoints (and at the end, and on SIGTERM/SIGINT)
+    t.keep_checkpoints = 3  # the newest this many are kept
+    t.stop_at_step = 0  # if > 0, save and stop once this step is reached (the schedule still spans steps)
+
+    mesh = config.mesh = ml_collections.ConfigDict()  # data x fsdp x tensor must be the device count
+    mesh.data = 1  # pure data parallelism (replicated parameters)
+    mesh.fsdp = -1  # fully sharded data parallelism; -1 takes the devices the others leave
+    mesh.tensor = 1  # tensor parallelism over heads, MLP width and vocabulary
+    mesh.max_replicated = 0.02  # with fsdp > 1, fail if more than this share of parameter bytes is replicated
+
+    config.data = ml_collections.ConfigDict()  # where the training and validation tokens come from
+    config.data.dir = "data/default"  # from scripts/prepare_data.py; data/default is prepared on first use
+
+    log = config.log = ml_collections.ConfigDict()
+    log.progress = True  # a progress bar with loss, tokens/s and ETA (process 0)
+    log.wandb = False  # also log to Weights & Biases
+    log.wandb_mode = "offline"  # 'offline' needs no network (sync later with `wandb sync`); or 'online'
+    log.wandb_project = "mhc-jax"  # the W&B project
+    log.peak_tflops = 0.0  # per-device peak for MFU; 0 looks the device up in mhc_jax/logging.py
     return config

@@ -4,6 +4,7 @@ user-error contract (one line on stderr naming the field or file and the fix, ex
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mhc_jax import model
@@ -48,6 +49,8 @@ def run(main) -> None:
     """absl's app.run, with flag and user errors reported as one line and exit code 2."""
 
     def guarded(argv):
+        if not flags.FLAGS["verbosity"].present:  # absl would log INFO; keep the console for the progress bar
+            absl_logging.set_verbosity(absl_logging.WARNING)
         try:
             return main(argv)
         except UserError as e:

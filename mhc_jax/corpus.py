@@ -19,6 +19,7 @@ import glob
 import gzip
 import hashlib
 import json
+import os
 import sysconfig
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,8 +56,10 @@ class SourceStats:
 
 def stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)]
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages", "__pycache__")]
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 

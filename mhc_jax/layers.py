@@ -2,7 +2,8 @@
 
 Every parameter is made by `param`, which records its logical axis names (`vocab`, `embed`,
 `heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, ...; the block stack adds `layers`) for the
-sharding rules. Parameters are float32; each layer computes in the dtype of its input.
+sharding rules, and whether AdamW decays it. Parameters are float32; each layer computes in the
+dtype of its input.
 """
 
 import jax
@@ -10,10 +11,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def param(value: jax.Array, axes: tuple) -> nnx.Param:
-    """A parameter annotated with logical axis names, sharded later from one rules table."""
+def param(value: jax.Array, axes: tuple, weight_decay: bool = True) -> nnx.Param:
+    """A parameter with logical axis names (sharded later from one rules table) and a weight-decay
+    flag (off for norms, gates and the static HC/mHC coefficients)."""
     assert len(axes) == value.ndim, (axes, value.shape)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    value = jnp.asarray(value, jnp.float32)  # also drops weak types, which would make jit recompile
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, weight_decay=weight_decay)
 
 
 def normal(rngs: nnx.Rngs, shape: tuple, std: float) -> jax.Array:
@@ -26,7 +29,7 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
-        self.scale = param(jnp.ones((dim,)), ("norm",))
+        self.scale = param(jnp.ones((dim,)), ("norm",), weight_decay=False)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -5,20 +5,39 @@ The blocks' parameters are stacked on a leading `layers` axis whether or not the
 scans, so `scan_layers` and `remat` change compilation only, never the checkpoint layout.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mhc_jax import residual
+from mhc_jax import residual, sharding
 from mhc_jax.errors import UserError
 from mhc_jax.layers import Attention, Embedding, RMSNorm, SwiGLU, normal, param
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 REMAT_POLICIES = {
     "none": None,  # save every activation of the block
     "full": jax.checkpoint_policies.nothing_saveable,  # save only the stream between blocks
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # save matmul outputs
 }
+
+
+class Trace(NamedTuple):
+    """What the forward pass saw at each residual site, for diagnostics."""
+    maps: residual.SiteMaps  # H_pre, H_post, H_res of every site
+    stream_rms: jax.Array  # root mean square of the [B, T, n, C] stream entering every site
+
+
+def compute_dtype(name: str):
+    """'auto' computes in bfloat16 on accelerators and in float32 on CPU."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() != "cpu" else jnp.float32
+    return jnp.dtype(name)
+
+
+def rms(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
 class Block(nnx.Module):
@@ -35,10 +54,13 @@ class Block(nnx.Module):
         self.attn_site = residual.make_site(cfg, 2 * layer, rngs)
         self.mlp_site = residual.make_site(cfg, 2 * layer + 1, rngs)
 
-    def __call__(self, x_BTNC: jax.Array) -> tuple[jax.Array, residual.SiteMaps]:
+    def __call__(self, x_BTNC: jax.Array) -> tuple[jax.Array, Trace]:
+        attn_in_rms = rms(x_BTNC)
         x_BTNC, attn_maps = self.attn_site(x_BTNC, lambda u: self.attn(self.attn_norm(u)))
+        mlp_in_rms = rms(x_BTNC)
         x_BTNC, mlp_maps = self.mlp_site(x_BTNC, lambda u: self.mlp(self.mlp_norm(u)))
-        return x_BTNC, jax.tree.map(lambda a, b: jnp.stack([a, b]), attn_maps, mlp_maps)
+        stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), Trace(attn_maps, attn_in_rms), Trace(mlp_maps, mlp_in_rms))
+        return x_BTNC, stacked
 
 
 def stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
@@ -55,7 +77,7 @@ def stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
 class Transformer(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.n_streams = cfg.n_streams
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype = compute_dtype(cfg.dtype)
         self.scan_layers = cfg.scan_layers
         self.remat_policy = cfg.remat
         self.embed = Embedding(cfg, rngs)
@@ -64,39 +86,40 @@ class Transformer(nnx.Module):
         self.unembed = None if cfg.tie_embeddings else param(
             normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5), ("embed", "vocab"))
 
-    def __call__(self, tokens_BT: jax.Array, *, return_maps: bool = False):
-        """Logits [B, T, V] in float32; with `return_maps`, also the SiteMaps of all 2L sites
-        stacked in order (site 2l is block l's attention, 2l + 1 its MLP): [2L, B, T, ...]."""
+    def __call__(self, tokens_BT: jax.Array, *, return_trace: bool = False):
+        """Logits [B, T, V] in float32; with `return_trace`, also the Trace of all 2L sites stacked
+        in order (site 2l is block l's attention, 2l + 1 its MLP): maps [2L, B, T, ...], rms [2L]."""
         x_BTNC = residual.expand(self.embed(tokens_BT, self.dtype), self.n_streams)
-        x_BTNC, maps = self.run_blocks(x_BTNC, return_maps)
+        x_BTNC, trace = self.run_blocks(x_BTNC, return_trace)
         h_BTC = self.final_norm(residual.reduce(x_BTNC))
         if self.unembed is None:
             logits_BTV = self.embed.attend(h_BTC)
         else:
             logits_BTV = h_BTC @ self.unembed[...].astype(h_BTC.dtype)
         logits_BTV = logits_BTV.astype(jnp.float32)
-        if not return_maps:
+        if not return_trace:
             return logits_BTV
-        return logits_BTV, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), maps)
+        return logits_BTV, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), trace)
 
-    def run_blocks(self, x_BTNC, return_maps):
+    def run_blocks(self, x_BTNC, return_trace):
         graphdef, stacked_state = nnx.split(self.blocks)
 
         def body(x_BTNC, layer_state):
-            x_BTNC, maps = nnx.merge(graphdef, layer_state)(x_BTNC)
-            return x_BTNC, (maps if return_maps else None)
+            x_BTNC = sharding.constrain(x_BTNC, ("batch", None, None, None))
+            x_BTNC, trace = nnx.merge(graphdef, layer_state)(x_BTNC)
+            return x_BTNC, (trace if return_trace else None)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
         if self.scan_layers:
             return jax.lax.scan(body, x_BTNC, stacked_state)
-        per_layer_maps = []
+        per_layer = []
         n_layers = jax.tree.leaves(stacked_state)[0].shape[0]
         for layer in range(n_layers):
-            x_BTNC, maps = body(x_BTNC, jax.tree.map(lambda a: a[layer], stacked_state))
-            per_layer_maps.append(maps)
-        return x_BTNC, jax.tree.map(lambda *a: jnp.stack(a), *per_layer_maps)
+            x_BTNC, trace = body(x_BTNC, jax.tree.map(lambda a: a[layer], stacked_state))
+            per_layer.append(trace)
+        return x_BTNC, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
 
 def param_counts(cfg) -> dict:

@@ -97,17 +97,17 @@ class HyperConnection(nnx.Module):
 
     def __init__(self, cfg, site, rngs: nnx.Rngs):
         n, C = cfg.n_streams, cfg.d_model
-        self.static_alpha_m = param(jax.nn.one_hot(site % n, n), ("streams",))
-        self.static_alpha_r = param(jnp.eye(n), ("streams", "streams_out"))
-        self.static_beta = param(jnp.ones((n,)), ("streams",))
+        self.static_alpha_m = param(jax.nn.one_hot(site % n, n), ("streams",), weight_decay=False)
+        self.static_alpha_r = param(jnp.eye(n), ("streams", "streams_out"), weight_decay=False)
+        self.static_beta = param(jnp.ones((n,)), ("streams",), weight_decay=False)
         self.dynamic = cfg.hc.dynamic
         self.use_tanh = cfg.hc.use_tanh
         if self.dynamic:  # each stream makes its own row of [A_m | A_r] and its own beta
             self.norm = RMSNorm(C, cfg.norm_eps)
             self.dynamic_alpha = param(jnp.zeros((C, n + 1)), ("embed", "coeff"))  # [W_m | W_r]
             self.dynamic_beta = param(jnp.zeros((C,)), ("embed",))  # W_beta
-            self.alpha_scale = param(jnp.full((), cfg.hc.scale_init), ())  # s_alpha
-            self.beta_scale = param(jnp.full((), cfg.hc.scale_init), ())  # s_beta
+            self.alpha_scale = param(jnp.full((), cfg.hc.scale_init), (), weight_decay=False)  # s_alpha
+            self.beta_scale = param(jnp.full((), cfg.hc.scale_init), (), weight_decay=False)  # s_beta
 
     def maps(self, x_BTNC: jax.Array) -> SiteMaps:
         alpha_m = self.static_alpha_m[...]
@@ -144,10 +144,10 @@ class ManifoldHyperConnection(nnx.Module):
         mhc = cfg.mhc
         phi_std = mhc.phi_init_scale * (n * C) ** -0.5
         self.phi = param(normal(rngs, (n * C, 2 * n + n * n), phi_std), ("stream_embed", "coeff"))
-        self.alpha = param(jnp.full((3,), mhc.alpha_init), (None,))
+        self.alpha = param(jnp.full((3,), mhc.alpha_init), (None,), weight_decay=False)
         bias = jnp.concatenate([jnp.full((n,), -math.log(n - 1)), jnp.zeros((n,)),
                                 mhc.res_init_scale * jnp.eye(n).ravel()])
-        self.bias = param(bias, ("coeff",))
+        self.bias = param(bias, ("coeff",), weight_decay=False)
         self.n = n
         self.eps = cfg.norm_eps
         self.coeff_dtype = jnp.dtype(mhc.coeff_dtype)
@@ -180,9 +180,28 @@ def make_site(cfg, site, rngs: nnx.Rngs) -> nnx.Module:
     return SITES[cfg.residual](cfg, site, rngs)
 
 
+def variant_name(cfg) -> str:
+    """The name configs/pretrain.py gives this residual connection: residual, hc, hc_static or mhc."""
+    return "hc_static" if cfg.residual == "hc" and not cfg.hc.dynamic else cfg.residual
+
+
 def out_proj_scale(cfg) -> float:
     """Multiplier on the init std of the output projections (HC paper section 4: sqrt(n))."""
     return cfg.hc.out_proj_scale if cfg.residual == "hc" else 1.0
+
+
+def site_flops(cfg) -> int:
+    """Forward FLOPs per token of one site's own arithmetic (the branch F not included): reading
+    u = H_pre x (2nC), mixing H_res x (2n^2 C) and writing H_post y (2nC); plus computing the
+    coefficients: HC's per-stream norm and [C, n + 2] projection, mHC's norm and [nC, n^2 + 2n]
+    projection and its Sinkhorn iterations (about 6 n^2 per iteration)."""
+    n, C = cfg.n_streams, cfg.d_model
+    if cfg.residual == "residual":
+        return C  # the addition
+    apply = 2 * n * C + 2 * n * n * C + 2 * n * C
+    if cfg.residual == "hc":
+        return apply + (4 * n * C + 2 * n * C * (n + 2) if cfg.hc.dynamic else 0)
+    return apply + 3 * n * C + 2 * n * C * (n * n + 2 * n) + 6 * n * n * cfg.mhc.sinkhorn_iters
 
 
 def check_config(cfg) -> None:

@@ -1,86 +1,116 @@
-"""Benchmarks; prints one JSON object. Today it measures the data pipeline against the model it feeds:
+"""Benchmarks; prints one JSON object.
 
-    python scripts/bench.py --data_dir=data/default [--seq_len=256] [--batch_size=8]
+    python scripts/bench.py [--data_dir=data/default] [--scale=10m] [--variants=residual,hc,mhc]
+                            [--seq_len=256] [--batch_size=8]
 
-data_tokens_per_sec       tokens per second out of the grain training pipeline (threads, no workers)
-train_tokens_per_sec      tokens per second of a jitted AdamW train step (forward, backward, update)
-                          of the `residual` model at --scale (default 10m), at the same batch shape,
-                          on this machine's default JAX device
-data_over_train           how many times faster the pipeline is than the step it feeds
+For each variant, the real train step (trainer.Experiment: forward, backward, AdamW) on batches
+from the data pipeline, on all local devices (an FSDP mesh):
+  compile_seconds, step_seconds (median of --steps), tokens_per_sec, mfu (FLOPs per token as in
+  mhc_jax/logging.py, against the device's peak; on CPU against a measured float32 matmul peak,
+  reported as peak_flops), peak_memory_bytes (the device's peak use, or XLA's memory analysis of
+  the compiled step where the device does not report it), and step_time_vs_residual.
+And the data pipeline: data_tokens_per_sec and how many times the fastest step it outruns.
 """
 
 import json
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import optax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import flags  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from configs.pretrain import get_config  # noqa: E402
-from mhc_jax import cli, data  # noqa: E402
-from mhc_jax.model import Transformer  # noqa: E402
+from mhc_jax import cli, data, sharding, trainer  # noqa: E402
+from mhc_jax import logging as runlog  # noqa: E402
 
 DATA_DIR = flags.DEFINE_string("data_dir", "data/default", "a folder made by scripts/prepare_data.py")
-SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "tokens per example")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "examples per batch")
-SCALE = flags.DEFINE_string("scale", "10m", "the model scale whose train step is measured")
+SCALE = flags.DEFINE_string("scale", "10m", "the model scale")
+VARIANTS = flags.DEFINE_list("variants", ["residual", "hc", "mhc"], "variants to time")
+SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "tokens per sequence")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per step")
+STEPS = flags.DEFINE_integer("steps", 5, "steps timed after the compiling one")
 DATA_BATCHES = flags.DEFINE_integer("data_batches", 500, "batches read to time the pipeline")
-TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "steps timed after the compiling one")
 
 
 def data_tokens_per_sec(manifest) -> float:
     batches = data.train_batches(DATA_DIR.value, manifest, seq_len=SEQ_LEN.value,
                                  global_batch_size=BATCH_SIZE.value, seed=0)
     iterator = data.train_iterator(batches)
-    next(iterator)  # start the prefetch threads
+    next(iterator)  # starts the prefetch threads
     start, tokens = time.perf_counter(), 0
     for _ in range(DATA_BATCHES.value):
         tokens += next(iterator)["tokens"][:, 1:].size
     return tokens / (time.perf_counter() - start)
 
 
-def train_tokens_per_sec(manifest) -> float:
-    model_config = get_config(f"residual,{SCALE.value}").model
-    model_config.vocab_size = manifest["tokenizer"]["vocab_size"]
-    graphdef, params = nnx.split(Transformer(model_config, nnx.Rngs(0)), nnx.Param)
-    optimizer = optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1)
-
-    def loss_fn(params, tokens_BT):
-        logits_BTV = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT[:, 1:]).mean()
-
-    @jax.jit
-    def step(params, opt_state, tokens_BT):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens_BT)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    batch = data.train_batches(DATA_DIR.value, manifest, seq_len=SEQ_LEN.value,
-                               global_batch_size=BATCH_SIZE.value, seed=0)[0]["tokens"]
-    opt_state = optimizer.init(params)
-    params, opt_state, loss = step(params, opt_state, batch)
-    jax.block_until_ready(loss)
+def matmul_peak_flops() -> float:
+    """Float32 FLOP/s of a large square matmul on device 0: the attainable peak used for CPU MFU."""
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
     start = time.perf_counter()
-    for _ in range(TRAIN_STEPS.value):
-        params, opt_state, loss = step(params, opt_state, batch)
-    jax.block_until_ready(loss)
-    return TRAIN_STEPS.value * batch[:, 1:].size / (time.perf_counter() - start)
+    for _ in range(5):
+        matmul(a).block_until_ready()
+    return 5 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def time_variant(variant: str, manifest, peak: float) -> dict:
+    config = get_config(f"{variant},{SCALE.value}")
+    config.model.vocab_size = manifest["tokenizer"]["vocab_size"]
+    config.train.update_from_flattened_dict({"seq_len": SEQ_LEN.value, "batch_size": BATCH_SIZE.value})
+    mesh = sharding.make_mesh(config.mesh)
+    experiment = trainer.Experiment(config, mesh)
+    batches = data.train_batches(DATA_DIR.value, manifest, seq_len=SEQ_LEN.value,
+                                 global_batch_size=BATCH_SIZE.value, seed=0)
+    tokens = experiment.global_batch(batches[0])["tokens"]
+    state = experiment.init_state()
+    start = time.perf_counter()
+    compiled = experiment.train_step.lower(state, tokens).compile()
+    compile_seconds = time.perf_counter() - start
+    state, metrics = compiled(state, tokens)
+    jax.block_until_ready(metrics)
+    seconds = []
+    for _ in range(STEPS.value):
+        start = time.perf_counter()
+        state, metrics = compiled(state, tokens)
+        jax.block_until_ready(metrics)
+        seconds.append(time.perf_counter() - start)
+    step_seconds = statistics.median(seconds)
+    tokens_per_step = BATCH_SIZE.value * SEQ_LEN.value
+    flops = runlog.train_flops_per_token(config.model, SEQ_LEN.value) * tokens_per_step
+    stats = jax.devices()[0].memory_stats() or {}
+    memory = compiled.memory_analysis()
+    peak_memory = stats.get("peak_bytes_in_use") or (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+                                                      + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    return {"compile_seconds": round(compile_seconds, 2), "step_seconds": round(step_seconds, 4),
+            "tokens_per_sec": round(tokens_per_step / step_seconds, 1),
+            "mfu": round(flops / step_seconds / (peak * jax.device_count()), 4),
+            "train_flops_per_token": runlog.train_flops_per_token(config.model, SEQ_LEN.value),
+            "peak_memory_bytes": int(peak_memory)}
 
 
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; see --help")
     manifest = data.load_manifest(DATA_DIR.value)
-    pipeline, train = data_tokens_per_sec(manifest), train_tokens_per_sec(manifest)
-    print(json.dumps({"data_dir": DATA_DIR.value, "seq_len": SEQ_LEN.value, "batch_size": BATCH_SIZE.value,
-                      "scale": SCALE.value, "device": jax.devices()[0].device_kind,
-                      "data_tokens_per_sec": round(pipeline), "train_tokens_per_sec": round(train),
-                      "data_over_train": round(pipeline / train, 1)}))
+    peak = runlog.peak_flops_per_device(get_config("mhc,debug").log) or matmul_peak_flops()
+    report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "scale": SCALE.value,
+              "seq_len": SEQ_LEN.value, "batch_size": BATCH_SIZE.value, "peak_flops": round(peak)}
+    variants = {variant: time_variant(variant, manifest, peak) for variant in VARIANTS.value}
+    if "residual" in variants:
+        for result in variants.values():
+            result["step_time_vs_residual"] = round(result["step_seconds"] / variants["residual"]["step_seconds"], 3)
+    pipeline = data_tokens_per_sec(manifest)
+    fastest = max(result["tokens_per_sec"] for result in variants.values())
+    report.update(variants=variants, data_tokens_per_sec=round(pipeline),
+                  data_over_fastest_step=round(pipeline / fastest, 1))
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

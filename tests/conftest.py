@@ -1,9 +1,14 @@
-"""Test setup: 8 simulated CPU devices (set before jax loads) and the `variant` fixture."""
+"""Test setup: 8 simulated CPU devices (set before jax loads), a compilation cache, and the
+`variant` fixture."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache per test session, shared with the train.py subprocesses the tests start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mhc-jax-test-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 

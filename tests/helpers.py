@@ -54,3 +54,12 @@ def corpus_documents(n_documents: int = 240, seed: int = 0) -> list[str]:
                      for _ in range(rng.integers(1, 8))]
         documents.append(" ".join(sentences))
     return documents + documents[:2]
+
+
+def assert_user_error(result, *fragments):
+    """A command-line tool's user error: exit 2, one `error:` line on stderr with every fragment."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

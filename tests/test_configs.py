@@ -38,7 +38,7 @@ def test_residual_overheads_follow_the_papers_formulas(scale):
 
 def test_every_config_field_is_documented_next_to_its_default():
     source = (Path(__file__).parents[1] / "configs" / "pretrain.py").read_text()
-    assignments = [line for line in source.splitlines() if re.match(r"\s+(m|hc|mhc|config)(\.\w+)+ = ", line)]
-    assert len(assignments) >= 25
+    assignments = [line for line in source.splitlines() if re.match(r"\s+(m|hc|mhc|t|mesh|log|config)(\.\w+)+ = ", line)]
+    assert len(assignments) >= 55
     undocumented = [line.strip() for line in assignments if "#" not in line]
     assert not undocumented, undocumented

@@ -143,13 +143,17 @@ def test_bad_pipeline_inputs(dataset, tmp_path):
         batches(dataset, process_count=3)
 
 
-def test_bench_reports_pipeline_and_train_throughput(dataset):
+def test_bench_reports_every_variant_and_the_pipeline(dataset):
     out, _ = dataset
-    result = subprocess.run([sys.executable, "scripts/bench.py", f"--data_dir={out}", "--scale=debug", "--seq_len=32",
-                             "--data_batches=20", "--train_steps=1"], cwd=Path(__file__).parents[1],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "scripts/bench.py", f"--data_dir={out}", "--scale=debug",
+                             "--variants=residual,mhc", "--seq_len=32", "--steps=1", "--data_batches=20"],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["data_tokens_per_sec"] > 0 and report["train_tokens_per_sec"] > 0
-    assert report["data_over_train"] == pytest.approx(report["data_tokens_per_sec"] / report["train_tokens_per_sec"],
-                                                      rel=0.01)
+    assert set(report["variants"]) == {"residual", "mhc"} and report["devices"] == 8
+    for timing in report["variants"].values():
+        assert timing["tokens_per_sec"] == pytest.approx(8 * 32 / timing["step_seconds"], rel=0.01)
+        assert 0 < timing["mfu"] and timing["peak_memory_bytes"] > 0
+    assert report["variants"]["residual"]["step_time_vs_residual"] == 1.0
+    fastest = max(timing["tokens_per_sec"] for timing in report["variants"].values())
+    assert report["data_over_fastest_step"] == pytest.approx(report["data_tokens_per_sec"] / fastest, rel=0.01)

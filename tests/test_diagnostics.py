@@ -64,7 +64,7 @@ def test_composite_order_is_later_sites_on_the_left():
 
 def test_mhc_model_maps_have_exact_forward_gain():
     model = make_model("mhc", {"mhc.alpha_init": 1.0, "mhc.res_init_scale": 0.0})
-    _, maps = model(random_tokens(512), return_maps=True)
-    gains = amax_gain(maps.res)
+    _, trace = model(random_tokens(512), return_trace=True)
+    gains = amax_gain(trace.maps.res)
     np.testing.assert_allclose(gains["composite_forward"], 1.0, atol=1e-5)
     assert float(jnp.abs(gains["composite_backward"] - 1).max()) < 0.05

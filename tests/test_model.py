@@ -57,18 +57,20 @@ def test_compile_switches_keep_logits_and_gradients(variant, overrides):
 
 
 def test_site_maps_come_out_in_site_order():
-    """return_maps stacks the 2L sites as attention 0, MLP 0, attention 1, ...: HC's one-hot read of
+    """return_trace stacks the 2L sites as attention 0, MLP 0, attention 1, ...: HC's one-hot read of
     site k is stream k mod n, which tells the order."""
     model = make_model("hc")
-    logits, maps = model(random_tokens(512), return_maps=True)
-    assert maps.res.shape == (4, 2, 16, 4, 4)
+    logits, trace = model(random_tokens(512), return_trace=True)
+    maps = trace.maps
+    assert maps.res.shape == (4, 2, 16, 4, 4) and trace.stream_rms.shape == (4,)
     np.testing.assert_array_equal(jnp.argmax(maps.pre[:, 0, 0], -1), [0, 1, 2, 3])
     np.testing.assert_array_equal(logits, model(random_tokens(512)))
 
 
 def test_bfloat16_compute_keeps_float32_coefficients():
     model = make_model("mhc", {"dtype": "bfloat16"})
-    logits, maps = model(random_tokens(512), return_maps=True)
+    logits, trace = model(random_tokens(512), return_trace=True)
+    maps = trace.maps
     assert logits.dtype == jnp.float32 and maps.res.dtype == jnp.float32
     np.testing.assert_allclose(maps.res.sum(-1), 1.0, atol=1e-6)
     assert bool(jnp.isfinite(logits).all())

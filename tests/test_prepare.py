@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece
 
-from helpers import corpus_documents
+from helpers import assert_user_error, corpus_documents
 from mhc_jax import corpus, data, prepare
 from mhc_jax.errors import UserError
 from mhc_jax.tokenizer import gpt2_tokenizer, load_tokenizer, train_bpe
@@ -171,14 +171,6 @@ def test_sentencepiece_model_prepares_and_reloads(tmp_path):
 def run_prepare(*args):
     return subprocess.run([sys.executable, "scripts/prepare_data.py", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def no_leftovers(parent: Path) -> bool:

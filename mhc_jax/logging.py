@@ -1,0 +1,90 @@
+"""Run logs: WORKDIR/metrics.jsonl (always), a progress bar, Weights & Biases (when asked), and
+the FLOP count behind the MFU figure.
+
+FLOPs per trained token = 3 x the forward pass's (the backward costs twice the forward):
+  forward = 2 x (every weight matrix's multiply-adds, unembedding included)
+          + 4 x seq_len x heads x head_dim per layer (QK^T and AV, counted in full as in PaLM's
+            formula, not halved for causality)
+          + the residual connection's own FLOPs at each of the 2L sites (residual.site_flops:
+            stream mixing and, for HC/mHC, the coefficients)
+MFU = FLOPs per token x tokens per second / (devices x peak FLOP/s per device).
+"""
+
+import json
+import secrets
+from pathlib import Path
+
+import jax
+from tqdm import tqdm
+
+from mhc_jax import residual
+
+# Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
+PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("TPU v4", 275e12),
+              ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12), ("TPU v6", 918e12))
+
+
+def train_flops_per_token(model_config, seq_len: int) -> float:
+    c = model_config
+    head_dim = c.d_model // c.n_heads
+    matrices = (c.d_model * head_dim * (2 * c.n_heads + 2 * c.n_kv_heads) + 3 * c.d_model * c.d_ff)
+    forward = (2 * (c.n_layers * matrices + c.d_model * c.vocab_size)
+               + 4 * c.n_layers * seq_len * c.n_heads * head_dim
+               + 2 * c.n_layers * residual.site_flops(c))
+    return 3.0 * forward
+
+
+def peak_flops_per_device(log_config) -> float | None:
+    if log_config.peak_tflops > 0:
+        return log_config.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((peak for name, peak in PEAK_FLOPS if name in kind), None)
+
+
+class RunLog:
+    """metrics.jsonl, the progress bar and wandb; everything is a no-op outside process 0."""
+
+    def __init__(self, workdir: Path, config, start_step: int):
+        self.active = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.wandb_run = None
+        self.bar = None
+        if not self.active:
+            return
+        if self.path.exists():  # a resumed run drops what it logged past its checkpoint
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if config.log.wandb:
+            self.wandb_run = start_wandb(Path(workdir), config)
+        if config.log.progress:
+            self.bar = tqdm(total=config.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def advance(self, loss: float, tokens_per_sec: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(workdir: Path, config):
+    """A wandb run that a resumed training run continues (its id is kept in WORKDIR/wandb_run_id)."""
+    import wandb  # imported only when asked for: it is slow to import
+
+    id_file = workdir / "wandb_run_id"
+    if not id_file.exists():
+        id_file.write_text(secrets.token_hex(8))
+    return wandb.init(project=config.log.wandb_project, mode=config.log.wandb_mode, dir=str(workdir),
+                      id=id_file.read_text().strip(), resume="allow", name=workdir.name, config=config.to_dict())

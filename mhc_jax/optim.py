@@ -1,0 +1,47 @@
+"""AdamW with global-norm clipping, the learning-rate schedules, and the weight-decay mask."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+SCHEDULES = ("step", "cosine", "wsd")
+
+
+def learning_rate(step, train_config):
+    """The learning rate used by the update at `step` (0-based). Every schedule warms up linearly
+    over `warmup_steps` (the first update already moves), then:
+      step    the mHC/DeepSeek paper's: lr until 80% of `steps`, 0.316 lr until 90%, then 0.1 lr
+      cosine  cosine from lr down to min_lr_ratio * lr at `steps`
+      wsd     warmup-stable-decay: lr until the last decay_fraction of `steps`, then linear to
+              min_lr_ratio * lr
+    """
+    c = train_config
+    step = jnp.asarray(step, jnp.float32)
+    warmup = jnp.minimum(1.0, (step + 1) / max(c.warmup_steps, 1))
+    if c.schedule == "step":
+        after = jnp.where(step < 0.8 * c.steps, 1.0, jnp.where(step < 0.9 * c.steps, 0.316, 0.1))
+    elif c.schedule == "cosine":
+        progress = jnp.clip((step - c.warmup_steps) / max(c.steps - c.warmup_steps, 1), 0.0, 1.0)
+        after = c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    else:
+        decay_start = c.steps * (1 - c.decay_fraction)
+        progress = jnp.clip((step - decay_start) / max(c.steps - decay_start, 1), 0.0, 1.0)
+        after = 1.0 - (1 - c.min_lr_ratio) * progress
+    return c.lr * jnp.where(step < c.warmup_steps, warmup, after)
+
+
+def weight_decay_mask(abstract_params: nnx.State):
+    """True for the parameters AdamW decays, from each parameter's `weight_decay` flag (layers.param)."""
+    mask = jax.tree.map(lambda v: v.get_metadata()["weight_decay"], abstract_params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(mask)
+
+
+def make_optimizer(train_config, decay_mask) -> optax.GradientTransformation:
+    c = train_config
+    return optax.chain(
+        optax.clip_by_global_norm(c.grad_clip),
+        optax.adamw(lambda count: learning_rate(count, c), b1=c.b1, b2=c.b2, eps=c.eps,
+                    weight_decay=c.weight_decay, mask=decay_mask),
+    )

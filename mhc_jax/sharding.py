@@ -1,0 +1,100 @@
+"""The device mesh, one table of logical-axis rules, and the shardings derived from them.
+
+Parameters name their axes logically (layers.py); RULES maps each name to the mesh axes that
+split it. FSDP splits every weight along its model width (`embed`), tensor parallelism splits
+heads, MLP width and vocabulary, and activations split the batch over `data` x `fsdp`. A
+dimension that a mesh axis does not divide is left whole (`spec_for`); the trainer then checks
+that almost nothing ended up replicated (`replicated_fraction`).
+"""
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from mhc_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+RULES = {
+    "batch": ("data", "fsdp"),  # activations: the batch over every data-parallel axis
+    "embed": "fsdp",  # parameters: FSDP splits the model width ...
+    "stream_embed": "fsdp",  # ... and mHC's flattened n * C coefficient input
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "streams": None,
+    "streams_out": None,
+    "coeff": None,
+}
+
+
+def make_mesh(mesh_config) -> Mesh:
+    """The (data, fsdp, tensor) mesh over all devices; one size may be -1 to take what is left."""
+    sizes = [mesh_config[axis] for axis in MESH_AXES]
+    devices = jax.device_count()
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise UserError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if devices % known:
+            raise UserError(f"mesh: {devices} devices are not divisible by the fixed mesh sizes "
+                            f"{dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = devices // known
+    if math.prod(sizes) != devices:
+        raise UserError(f"mesh: data x fsdp x tensor = {' x '.join(map(str, sizes))} = {math.prod(sizes)}, "
+                        f"but there are {devices} devices; make the product {devices} (one size may be -1)")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def spec_for(logical_axes: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes on this mesh."""
+    used, spec = set(), []
+    for name, size in zip(logical_axes, shape):
+        rule = RULES[name] if name is not None else None
+        wanted = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        axes = tuple(a for a in wanted if a not in used and mesh.shape[a] > 1)
+        if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes if len(axes) > 1 else axes[0])
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh):
+    """NamedShardings for an (abstract) parameter state, as a pure dict like nnx.to_pure_dict's."""
+    shardings = jax.tree.map(lambda v: NamedSharding(mesh, spec_for(v.get_metadata()["out_sharding"], v.shape, mesh)),
+                             abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(RULES["batch"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
+    """Pins an activation's sharding inside jit under `jax.set_mesh`; a no-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(logical_axes, x.shape, mesh))
+
+
+def replicated_fraction(abstract_params, shardings) -> float:
+    """Share of parameter bytes that every device holds whole."""
+    total = replicated_bytes = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(shardings)):
+        size = math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+        total += size
+        replicated_bytes += size if sharding.is_fully_replicated else 0
+    return replicated_bytes / max(total, 1)

@@ -1,0 +1,263 @@
+"""The trainer end to end: first-use data, exact resume (also after SIGTERM), restore onto other
+meshes, two processes, NaN guard, schedules, weight decay, and the bad inputs of train.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.pretrain import get_config
+from helpers import assert_user_error, corpus_documents, debug_model_config
+from mhc_jax import checkpoint, data, optim, prepare, sharding, trainer
+from mhc_jax.model import Transformer
+
+ROOT = Path(__file__).parents[1]
+QUIET = ["--config.log.progress=False"]
+
+
+def run_train(workdir, *overrides, variant="hc", devices=8, cwd=ROOT, extra=(), data_dir=None, wait=True):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:{variant},debug",
+            f"--workdir={workdir}", *QUIET, *overrides, *extra]
+    if data_dir:
+        args.append(f"--config.data.dir={data_dir}")
+    if not wait:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(workdir):
+    return [(r["step"], r["loss"]) for r in records(workdir)]
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory):
+    """The first-use path: train.py in a fresh folder prepares data/default itself, then trains."""
+    cwd = tmp_path_factory.mktemp("fresh")
+    result = run_train(cwd / "run", "--config.train.steps=2", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert "preparing data/default" in result.stdout
+    assert data.load_manifest(cwd / "data/default")["splits"]["train"]["tokens"] > 5_000_000
+    return cwd / "data/default"
+
+
+STRAIGHT = ["--config.train.steps=24", "--config.train.log_every=1", "--config.train.checkpoint_every=5"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(default_data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight") / "run"
+    result = run_train(workdir, *STRAIGHT, "--config.train.eval_every=12", data_dir=default_data)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def test_a_run_writes_its_contract(straight_run):
+    lines = records(straight_run)
+    assert [r["step"] for r in lines] == list(range(1, 25))
+    for key in ("loss", "lr", "grad_norm"):
+        assert all(key in r for r in lines)
+    assert all("tokens_per_sec" in r for r in lines[1:]) and "compile_seconds" in lines[0]
+    diagnosed = [r for r in lines if "amax_forward" in r]
+    assert diagnosed and all(len(r["amax_forward_per_site"]) == 4 for r in diagnosed)
+    assert [r["step"] for r in lines if "eval_loss" in r] == [12, 24]
+    config = json.loads((straight_run / "config.json").read_text())
+    assert config["model"]["residual"] == "hc" and config["model"]["vocab_size"] == 32768
+    assert sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir() if p.name.isdigit()) == [15, 20, 24]
+    meta = json.loads((straight_run / "checkpoints" / "24" / "meta" / "metadata").read_text())
+    assert (meta["variant"], meta["n_streams"], meta["step"]) == ("hc", 4, 24)
+    assert meta["tokenizer_sha256"] == data.load_manifest(meta["config"]["data"]["dir"])["tokenizer"]["sha256"]
+    assert (straight_run / "run.png").stat().st_size > 10_000
+
+
+def test_stop_and_resume_repeats_every_loss_bit_for_bit(straight_run, default_data, tmp_path):
+    """Also with wandb in offline mode: the resumed run continues the same wandb run."""
+    wandb = "--config.log.wandb=True"
+    first = run_train(tmp_path / "run", *STRAIGHT, wandb, "--config.train.stop_at_step=11", data_dir=default_data)
+    assert first.returncode == 0, first.stderr
+    assert losses(tmp_path / "run")[-1][0] == 11
+    second = run_train(tmp_path / "run", *STRAIGHT, wandb, data_dir=default_data)
+    assert second.returncode == 0, second.stderr
+    assert losses(tmp_path / "run") == losses(straight_run)
+    run_id = (tmp_path / "run" / "wandb_run_id").read_text()
+    offline_runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
+
+
+def test_sigterm_saves_and_the_same_command_resumes(straight_run, default_data, tmp_path):
+    process = run_train(tmp_path / "run", *STRAIGHT, data_dir=default_data, wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    stopped_at = losses(tmp_path / "run")[-1][0]
+    assert 8 <= stopped_at < 24
+    assert str(stopped_at) in os.listdir(tmp_path / "run" / "checkpoints")
+    resumed = run_train(tmp_path / "run", *STRAIGHT, data_dir=default_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path / "run") == losses(straight_run)
+
+
+def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):
+    config = get_config("hc,debug")
+    config.data.dir = str(data_dir)
+    config.update_from_flattened_dict({"log.progress": False, "train.steps": 24, "train.log_every": 1,
+                                       "train.checkpoint_every": 5})
+    manifest = trainer.open_data(config, vocab_overridden=False)
+    mesh = jax.make_mesh(mesh_sizes, sharding.MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    experiment = trainer.Experiment(config, mesh)
+    batches = data.train_batches(data_dir, manifest, seq_len=64, global_batch_size=8, seed=0)
+    step, state, _ = checkpoint.Checkpoints(workdir, keep=3).restore_latest(
+        experiment.abstract_state, data.train_iterator(batches), lambda meta: None)
+    assert step == 24
+    assert state["params"]["embed"]["table"].sharding.mesh.shape == mesh.shape
+    evals = data.eval_batches(data_dir, manifest, seq_len=64, global_batch_size=8, max_batches=8)
+    return experiment.evaluate(state["params"], evals)
+
+
+def test_checkpoints_restore_onto_other_meshes(straight_run, default_data, tmp_path):
+    saved_on = tmp_path / "run"  # 8 devices as data=4 x fsdp=2
+    result = run_train(saved_on, *STRAIGHT, "--config.train.eval_every=24", "--config.mesh.data=4",
+                       "--config.mesh.fsdp=2", data_dir=default_data)
+    assert result.returncode == 0, result.stderr
+    logged = records(saved_on)[-1]["eval_loss"]
+    np.testing.assert_allclose([l for _, l in losses(saved_on)], [l for _, l in losses(straight_run)], rtol=1e-5)
+    for sizes, devices in (((1, 8, 1), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
+        assert restored_eval_loss(saved_on, default_data, sizes, devices) == pytest.approx(logged, abs=1e-6)
+
+
+def test_two_processes_train_like_one(straight_run, default_data, tmp_path):
+    common = (*STRAIGHT[:2], "--config.train.steps=6", "--config.mesh.data=2", "--config.mesh.fsdp=4")
+    port = 20000 + os.getpid() % 20000
+    workers = [run_train(tmp_path / "two", *common, devices=4, data_dir=default_data, wait=False,
+                         extra=(f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"))
+               for i in range(2)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr
+    single = run_train(tmp_path / "one", *common, devices=8, data_dir=default_data)
+    assert single.returncode == 0, single.stderr
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
+    np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["residual", "hc", "hc_static", "mhc"])
+def test_loss_decreases_on_the_default_corpus(default_data, tmp_path, variant):
+    result = run_train(tmp_path / "run", "--config.train.steps=40", "--config.train.log_every=1",
+                       variant=variant, devices=1, data_dir=default_data)
+    assert result.returncode == 0, result.stderr
+    values = [l for _, l in losses(tmp_path / "run")]
+    assert np.mean(values[-5:]) < np.mean(values[:5]) - 1.0, values
+
+
+def test_nan_guard_stops_without_a_bad_checkpoint(default_data, tmp_path):
+    result = run_train(tmp_path / "run", "--config.train.lr=inf", "--config.train.log_every=1",
+                       "--config.train.checkpoint_every=1", data_dir=default_data)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: step 2: loss nan")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_bad_inputs(straight_run, default_data, tmp_path):
+    assert_user_error(run_train(tmp_path / "a", "--config.mesh.data=3", "--config.mesh.fsdp=2",
+                                data_dir=default_data), "mesh:", "there are 8 devices")
+    assert_user_error(run_train(tmp_path / "a", "--config.train.batch_size=12", data_dir=default_data),
+                      "train.batch_size: 12", "data x fsdp = 8")
+    assert_user_error(run_train(tmp_path / "a", data_dir=tmp_path / "nowhere"),
+                      "no manifest.json", "prepare_data.py")
+    assert_user_error(run_train(straight_run, *STRAIGHT, variant="mhc", data_dir=default_data),
+                      "different model", "model.residual: 'hc' -> 'mhc'", "delete")
+    other = tmp_path / "other_data"
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents()))
+    prepare.prepare(other, prepare.Recipe(sources=(str(tmp_path / "docs.jsonl"),), vocab_size=300, val_fraction=0.5),
+                    command="test")
+    assert_user_error(run_train(straight_run, *STRAIGHT, "--config.model.vocab_size=32768", data_dir=other),
+                      "different tokenizer")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").glob("checkpoints/*"))
+
+
+def test_schedules_match_their_formulas():
+    t = get_config("mhc,debug").train
+    t.update_from_flattened_dict({"steps": 1000, "warmup_steps": 100, "lr": 1.0, "min_lr_ratio": 0.1})
+    assert float(optim.learning_rate(0, t)) == pytest.approx(0.01)
+    assert float(optim.learning_rate(49, t)) == pytest.approx(0.5)
+    expected = {"step": {100: 1.0, 799: 1.0, 800: 0.316, 899: 0.316, 900: 0.1, 999: 0.1},
+                "cosine": {100: 1.0, 550: 0.55, 999: 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 899 / 900))},
+                "wsd": {100: 1.0, 800: 1.0, 900: 0.55, 1000: 0.1}}
+    for schedule, points in expected.items():
+        t.schedule = schedule
+        for step, value in points.items():
+            assert float(optim.learning_rate(step, t)) == pytest.approx(value, rel=1e-5), (schedule, step)
+
+
+def test_weight_decay_skips_norms_gates_and_static_coefficients():
+    for variant in ("hc", "mhc"):
+        abstract = nnx.state(nnx.eval_shape(lambda: Transformer(debug_model_config(variant), nnx.Rngs(0))), nnx.Param)
+        flat = {"/".join(map(str, path)): bool(decay) for path, decay in
+                nnx.to_flat_state(nnx.State(optim.weight_decay_mask(abstract)))}
+        decayed = sorted(k for k, v in flat.items() if v)
+        assert decayed == sorted(k for k in flat if k.split("/")[-1] in (
+            "table", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "phi", "dynamic_alpha", "dynamic_beta"))
+
+
+def test_fsdp_leaves_almost_nothing_replicated(monkeypatch):
+    mesh = jax.make_mesh((1, 8, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    config = get_config("mhc,10m")
+    assert trainer.Experiment(config, mesh).replicated_fraction < 0.02
+    monkeypatch.setitem(sharding.RULES, "embed", None)
+    assert trainer.Experiment(config, mesh).replicated_fraction > 0.5
+
+
+def test_microbatches_accumulate_to_the_full_batch_update():
+    mesh = jax.make_mesh((1, 4, 1), sharding.MESH_AXES, devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    tokens = np.random.default_rng(0).integers(0, 512, (8, 33), dtype=np.int32)
+    results = []
+    for parts in (1, 2):
+        config = get_config("mhc,debug")
+        config.train.microbatches = parts
+        experiment = trainer.Experiment(config, mesh)
+        state, metrics = experiment.train_step(experiment.init_state(),
+                                               jax.device_put(tokens, experiment.batch_sharding))
+        results.append((jax.device_get(metrics), jax.device_get(state["params"])))
+    (whole, whole_params), (split, split_params) = results
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), split_params, whole_params)
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    experiment = trainer.Experiment(get_config("residual,debug"), mesh)
+    iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+    checkpoints = checkpoint.Checkpoints(tmp_path, keep=3)
+    state = experiment.init_state()
+    for step in (1, 2):
+        checkpoints.save(step, state, iterator, {"step": step})
+        checkpoints.wait()
+    for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"damaged")
+    step, restored, meta = checkpoints.restore_latest(experiment.abstract_state, iterator, lambda meta: None)
+    assert (step, meta["step"]) == (1, 1)
+    assert "checkpoint" in caplog.text and "/2" in caplog.text
+    np.testing.assert_array_equal(restored["params"]["embed"]["table"], state["params"]["embed"]["table"])
