@@ -1,21 +1,64 @@
-"""Evaluation entry point (command-line contract in README.md):
+"""Evaluation entry point:
 
     python eval.py --workdir=DIR [--step=N] [--tasks=perplexity,mmlu,gsm8k,bbh,drop] [--limit=K]
+                   [--data_dir=data/eval] [--batch_size=B]
 
-Not yet an evaluator: checkpoints arrive with the trainer issue (#4) and the benchmarks with the
-evaluation issue (#5). Until then it exits with status 1 and says so.
+Rebuilds the model from the checkpoint's own metadata (no config needed) on whatever devices are
+present, runs the tasks, prints a table and writes DIR/eval/<step>/results.json (tasks already in
+that file from earlier runs are kept unless run again). Benchmark data comes from
+scripts/fetch_eval_data.py; perplexity uses the validation split of the model's training data.
+Tasks: perplexity, mmlu, gsm8k, bbh, drop, hellaswag, piqa, triviaqa, math.
 """
 
-import sys
+import json
+from pathlib import Path
+
+from absl import flags
 
 from mhc_jax import cli
+from mhc_jax.errors import UserError
+from mhc_jax.evals import eval_data
+from mhc_jax.evals.harness import LanguageModel, write_results
+from mhc_jax.evals.registry import TASKS
+
+WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir with checkpoints")
+STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the newest)")
+TASK_NAMES = flags.DEFINE_list("tasks", ["perplexity", "mmlu", "gsm8k", "bbh", "drop"], f"any of {', '.join(TASKS)}")
+LIMIT = flags.DEFINE_integer("limit", None, "score only the first K examples of each task (a quick look)")
+DATA_DIR = flags.DEFINE_string("data_dir", "data/eval", "the folder made by scripts/fetch_eval_data.py")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
+MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "prompts are cut to their last this many tokens")
 
 
 def main(argv):
-    del argv
-    print("eval.py: not implemented yet; it needs checkpoints (issue #4) and benchmarks (issue #5)",
-          file=sys.stderr)
-    return 1
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
+    if not WORKDIR.value:
+        cli.fail("--workdir: required, e.g. --workdir=runs/mhc-10m")
+    unknown = [name for name in TASK_NAMES.value if name not in TASKS]
+    if unknown:
+        raise UserError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if any(name != "perplexity" for name in TASK_NAMES.value):
+        eval_data.check(DATA_DIR.value)
+    if LIMIT.value is not None and LIMIT.value < 1:
+        raise UserError(f"--limit: must be at least 1, got {LIMIT.value}")
+    model = LanguageModel(WORKDIR.value, STEP.value, BATCH_SIZE.value, MAX_LENGTH.value)
+    path = Path(WORKDIR.value) / "eval" / str(model.step) / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {"step": model.step, "tasks": {}}
+    for name in TASK_NAMES.value:
+        results["tasks"][name] = {**TASKS[name](model, Path(DATA_DIR.value), LIMIT.value), "limit": LIMIT.value}
+        write_results(path, results)
+    print_table(results, TASK_NAMES.value)
+    print(f"wrote {path}")
+
+
+def print_table(results: dict, names: list[str]) -> None:
+    print(f"{'task':<11} {'metric':<28} {'value':>8} {'n':>6}  protocol")
+    for name in names:
+        task = results["tasks"][name]
+        for metric, value in task["metrics"].items():
+            protocol = task["protocol"] if metric == task["primary"] else ""
+            print(f"{name:<11} {metric:<28} {value:>8.4f} {task['n']:>6}  {protocol}")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ import logging
 from pathlib import Path
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, keep: int):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    def __init__(self, workdir: str | Path, keep: int | None = None, create: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create)
         self.directory = Path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
                                              item_names=("state", "data_iter", "meta"))
@@ -39,7 +40,7 @@ class Checkpoints:
         is laid out as `abstract_state` says and `data_iterator` moves to where it was."""
         for step in self.steps():
             try:
-                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+                meta = self.read_meta(step)
             except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged checkpoint)
                 logging.warning("checkpoint %s/%d: metadata unreadable (%s); trying the one before", self.directory, step, e)
                 continue
@@ -53,6 +54,17 @@ class Checkpoints:
                 continue
             return step, restored.state, meta
         return None
+
+    def read_meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def restore_params(self, step: int, abstract_params):
+        """Only the model parameters of `step` (not the optimizer state), laid out as given."""
+        item = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
+        return restored.state["params"]
 
     def close(self) -> None:
         self.manager.close()

@@ -6,6 +6,8 @@ sharding rules, and whether AdamW decays it. Parameters are float32; each layer 
 dtype of its input.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,6 +50,14 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
     return rotated.astype(x_BTHD.dtype)
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values for decoding, and where each row's tokens start."""
+    k_BSKD: jax.Array  # keys of every slot written so far (rows are left-padded)
+    v_BSKD: jax.Array
+    start_B: jax.Array  # slot of each row's first real token; the slots before it are padding
+    index: jax.Array  # the next slot to write
+
+
 class Attention(nnx.Module):
     """Causal self-attention with RoPE; n_kv_heads < n_heads gives grouped-query attention."""
 
@@ -61,15 +71,34 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
 
     def __call__(self, x_BTC: jax.Array) -> jax.Array:
-        dtype = x_BTC.dtype
         positions_BT = jnp.broadcast_to(jnp.arange(x_BTC.shape[1]), x_BTC.shape[:2])
+        q_BTHD, k_BTKD, v_BTKD = self.project(x_BTC, positions_BT)
+        return self.output(jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True))
+
+    def decode(self, x_BTC: jax.Array, kv: LayerCache) -> tuple[jax.Array, LayerCache]:
+        """Attention for T new tokens at positions index .. index + T - 1 of left-padded rows:
+        writes their keys and values into the cache and attends to every real token up to each."""
+        T, S = x_BTC.shape[1], kv.k_BSKD.shape[1]
+        query_slots_T = kv.index + jnp.arange(T)
+        q_BTHD, k_BTKD, v_BTKD = self.project(x_BTC, query_slots_T[None, :] - kv.start_B[:, None])
+        k_BSKD = jax.lax.dynamic_update_slice_in_dim(kv.k_BSKD, k_BTKD, kv.index, axis=1)
+        v_BSKD = jax.lax.dynamic_update_slice_in_dim(kv.v_BSKD, v_BTKD, kv.index, axis=1)
+        key_slots_S = jnp.arange(S)
+        mask_BTS = (key_slots_S[None, None, :] <= query_slots_T[None, :, None]) & \
+                   (key_slots_S[None, None, :] >= kv.start_B[:, None, None])
+        o_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask_BTS[:, None])
+        return self.output(o_BTHD), kv._replace(k_BSKD=k_BSKD, v_BSKD=v_BSKD)
+
+    def project(self, x_BTC, positions_BT):
+        dtype = x_BTC.dtype
         q_BTHD = jnp.einsum("btc,chd->bthd", x_BTC, self.wq[...].astype(dtype))
         k_BTKD = jnp.einsum("btc,ckd->btkd", x_BTC, self.wk[...].astype(dtype))
         v_BTKD = jnp.einsum("btc,ckd->btkd", x_BTC, self.wv[...].astype(dtype))
-        q_BTHD = apply_rope(q_BTHD, positions_BT, self.rope_theta)
-        k_BTKD = apply_rope(k_BTKD, positions_BT, self.rope_theta)
-        o_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True)
-        return jnp.einsum("bthd,hdc->btc", o_BTHD, self.wo[...].astype(dtype))
+        return (apply_rope(q_BTHD, positions_BT, self.rope_theta), apply_rope(k_BTKD, positions_BT, self.rope_theta),
+                v_BTKD)
+
+    def output(self, o_BTHD):
+        return jnp.einsum("bthd,hdc->btc", o_BTHD, self.wo[...].astype(o_BTHD.dtype))
 
 
 class SwiGLU(nnx.Module):

@@ -13,7 +13,7 @@ from flax import nnx
 
 from mhc_jax import residual, sharding
 from mhc_jax.errors import UserError
-from mhc_jax.layers import Attention, Embedding, RMSNorm, SwiGLU, normal, param
+from mhc_jax.layers import Attention, Embedding, LayerCache, RMSNorm, SwiGLU, normal, param
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REMAT_POLICIES = {
@@ -62,6 +62,19 @@ class Block(nnx.Module):
         stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), Trace(attn_maps, attn_in_rms), Trace(mlp_maps, mlp_in_rms))
         return x_BTNC, stacked
 
+    def decode(self, x_BTNC: jax.Array, kv: LayerCache) -> tuple[jax.Array, LayerCache]:
+        """The same block for new tokens of a decoding batch; attention reads and extends `kv`."""
+        written = []
+
+        def attend(u_BTC):
+            y_BTC, new_kv = self.attn.decode(self.attn_norm(u_BTC), kv)
+            written.append(new_kv)
+            return y_BTC
+
+        x_BTNC, _ = self.attn_site(x_BTNC, attend)
+        x_BTNC, _ = self.mlp_site(x_BTNC, lambda u: self.mlp(self.mlp_norm(u)))
+        return x_BTNC, written[0]
+
 
 def stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
     """n_layers Blocks with their parameters stacked on a leading `layers` axis."""
@@ -74,9 +87,18 @@ def stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
     return make(rngs, jnp.arange(cfg.n_layers))
 
 
+class DecodeCache(NamedTuple):
+    """Every layer's keys and values for batched decoding (see layers.LayerCache)."""
+    k_LBSKD: jax.Array
+    v_LBSKD: jax.Array
+    start_B: jax.Array
+    index: jax.Array
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.n_streams = cfg.n_streams
+        self.cache_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.d_model // cfg.n_heads)  # L, K, D
         self.dtype = compute_dtype(cfg.dtype)
         self.scan_layers = cfg.scan_layers
         self.remat_policy = cfg.remat
@@ -86,40 +108,72 @@ class Transformer(nnx.Module):
         self.unembed = None if cfg.tie_embeddings else param(
             normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5), ("embed", "vocab"))
 
-    def __call__(self, tokens_BT: jax.Array, *, return_trace: bool = False):
+    def __call__(self, tokens_BT: jax.Array, *, return_trace: bool = False, cache: "DecodeCache | None" = None):
         """Logits [B, T, V] in float32; with `return_trace`, also the Trace of all 2L sites stacked
-        in order (site 2l is block l's attention, 2l + 1 its MLP): maps [2L, B, T, ...], rms [2L]."""
+        in order (site 2l is block l's attention, 2l + 1 its MLP): maps [2L, B, T, ...], rms [2L].
+        With `cache`, the tokens continue the cached ones (from slot cache.index on) and the call
+        returns (logits, the extended cache)."""
         x_BTNC = residual.expand(self.embed(tokens_BT, self.dtype), self.n_streams)
-        x_BTNC, trace = self.run_blocks(x_BTNC, return_trace)
+        x_BTNC, per_layer = self.run_blocks(x_BTNC, return_trace, cache)
+        logits_BTV = self.logits(x_BTNC)
+        if cache is not None:
+            k_LBSKD, v_LBSKD = per_layer
+            return logits_BTV, DecodeCache(k_LBSKD, v_LBSKD, cache.start_B, cache.index + tokens_BT.shape[1])
+        if not return_trace:
+            return logits_BTV
+        return logits_BTV, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), per_layer)
+
+    def init_cache(self, start_B: jax.Array, slots: int) -> DecodeCache:
+        """An empty cache of `slots` positions for rows whose real tokens start at `start_B`."""
+        L, K, D = self.cache_shape
+        zeros = jnp.zeros((L, start_B.shape[0], slots, K, D), self.dtype)
+        return DecodeCache(zeros, zeros, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+
+    def logits(self, x_BTNC: jax.Array) -> jax.Array:
         h_BTC = self.final_norm(residual.reduce(x_BTNC))
         if self.unembed is None:
             logits_BTV = self.embed.attend(h_BTC)
         else:
             logits_BTV = h_BTC @ self.unembed[...].astype(h_BTC.dtype)
-        logits_BTV = logits_BTV.astype(jnp.float32)
-        if not return_trace:
-            return logits_BTV
-        return logits_BTV, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), trace)
+        return logits_BTV.astype(jnp.float32)
 
-    def run_blocks(self, x_BTNC, return_trace):
+    def run_blocks(self, x_BTNC, return_trace: bool, cache: "DecodeCache | None"):
+        """Every block in turn; also returns, stacked per layer, the traces (return_trace), the
+        extended keys and values (cache), or None."""
         graphdef, stacked_state = nnx.split(self.blocks)
 
-        def body(x_BTNC, layer_state):
+        def body(x_BTNC, layer):
+            layer_state, layer_kv = layer
             x_BTNC = sharding.constrain(x_BTNC, ("batch", None, None, None))
-            x_BTNC, trace = nnx.merge(graphdef, layer_state)(x_BTNC)
+            block = nnx.merge(graphdef, layer_state)
+            if layer_kv is not None:
+                x_BTNC, written = block.decode(x_BTNC, LayerCache(*layer_kv, cache.start_B, cache.index))
+                return x_BTNC, (written.k_BSKD, written.v_BSKD)
+            x_BTNC, trace = block(x_BTNC)
             return x_BTNC, (trace if return_trace else None)
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
+        layers = (stacked_state, None if cache is None else (cache.k_LBSKD, cache.v_LBSKD))
         if self.scan_layers:
-            return jax.lax.scan(body, x_BTNC, stacked_state)
+            return jax.lax.scan(body, x_BTNC, layers)
         per_layer = []
         n_layers = jax.tree.leaves(stacked_state)[0].shape[0]
         for layer in range(n_layers):
-            x_BTNC, trace = body(x_BTNC, jax.tree.map(lambda a: a[layer], stacked_state))
-            per_layer.append(trace)
+            x_BTNC, out = body(x_BTNC, jax.tree.map(lambda a: a[layer], layers))
+            per_layer.append(out)
         return x_BTNC, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+
+
+def abstract_model(cfg, mesh):
+    """The model's graphdef, its abstract parameters (nnx.State, with the Variables' metadata) and
+    the same as a pure dict of ShapeDtypeStructs that carry the mesh's shardings."""
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
+    shardings = sharding.param_shardings(abstract_params, mesh)
+    sharded = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                           nnx.to_pure_dict(abstract_params), shardings)
+    return graphdef, abstract_params, sharded
 
 
 def param_counts(cfg) -> dict:

@@ -3,7 +3,8 @@
     documents (corpus.py) -> train / validation by document -> tokenizer -> shards + manifest.json
 
 Layout of the folder:
-  manifest.json                 what went in and what came out (see `prepare`)
+  manifest.json                 what went in and what came out (see `prepare`; per split: documents,
+                                tokens, UTF-8 bytes of the text, shards)
   tokenizer.json | .model       the tokenizer
   train-00000.arrayrecord ...   the split's documents, each followed by the end-of-text token,
   validation-00000.arrayrecord  concatenated into one token stream and cut into records of
@@ -32,7 +33,7 @@ from mhc_jax.errors import UserError
 from mhc_jax.tokenizer import (MIN_BPE_VOCAB, Tokenizer, file_sha256, gpt2_tokenizer, load_tokenizer,
                                train_bpe)
 
-FORMAT = "mhc-jax tokens v1"
+FORMAT = "mhc-jax tokens v2"
 RECORD_TOKENS = 8192  # tokens per record: an example of seq_len + 1 tokens reads one or two records
 SHARD_RECORDS = 2048  # records per shard file (16M tokens)
 ENCODE_BATCH = 256  # documents per tokenizer call
@@ -64,9 +65,11 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.writer = None
         self.documents = 0
+        self.text_bytes = 0
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: np.ndarray, text_bytes: int) -> None:
         self.documents += 1
+        self.text_bytes += text_bytes
         self.pending.append(tokens.astype(self.dtype))
         self.pending_tokens += len(tokens)
         if self.pending_tokens >= RECORD_TOKENS:
@@ -97,7 +100,7 @@ class ShardWriter:
             self.write_record(np.concatenate(self.pending))
         self.close_shard()
         return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards),
-                "shards": self.shards}
+                "bytes": self.text_bytes, "shards": self.shards}
 
 
 def make_tokenizer(recipe: Recipe) -> Tokenizer:
@@ -128,7 +131,7 @@ def write_splits(folder: Path, recipe: Recipe, tokenizer: Tokenizer, source_stat
     def flush():
         for text, tokens in zip(batch, tokenizer.encode_batch(batch)):
             split = "validation" if in_validation(text, recipe.val_fraction) else "train"
-            writers[split].add(np.append(tokens, tokenizer.eos_id))
+            writers[split].add(np.append(tokens, tokenizer.eos_id), len(text.encode("utf-8", "surrogatepass")))
         batch.clear()
 
     for text in corpus.documents(list(recipe.sources), recipe.text_field, source_stats):

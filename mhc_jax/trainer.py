@@ -7,6 +7,7 @@ outside it, so the jitted step is a pure function of (state, batch).
 """
 
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from jax.experimental import multihost_utils
 from mhc_jax import checkpoint, data, diagnostics, optim, plots, prepare, residual, sharding
 from mhc_jax import logging as runlog
 from mhc_jax.errors import UserError
-from mhc_jax.model import Transformer
+from mhc_jax.model import Transformer, abstract_model
 
 DEFAULT_DATA_DIR = "data/default"  # prepared with the default recipe when it is missing
 COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers")  # model fields a resumed run may change
@@ -38,11 +39,10 @@ class Experiment:
     def __init__(self, config, mesh):
         self.config, self.mesh = config, mesh
         t = config.train
-        abstract_model = nnx.eval_shape(lambda: Transformer(config.model, nnx.Rngs(t.seed)))
-        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        self.graphdef, abstract_params, sharded_params = abstract_model(config.model, mesh)
         self.optimizer = optim.make_optimizer(t, optim.weight_decay_mask(abstract_params))
-        self.param_shardings = sharding.param_shardings(abstract_params, mesh)
-        params_shape = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), nnx.to_pure_dict(abstract_params))
+        self.param_shardings = jax.tree.map(lambda a: a.sharding, sharded_params)
+        params_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sharded_params)
         opt_shape = jax.eval_shape(self.optimizer.init, params_shape)
         opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_shape, self.param_shardings,
                                               transform_non_params=lambda _: sharding.replicated(mesh))
@@ -216,9 +216,11 @@ def train(config, workdir: str | Path, vocab_overridden: bool = False) -> None:
     restored = checkpoints.restore_latest(experiment.abstract_state, iterator, checker(config, manifest, workdir))
     state = experiment.init_state() if restored is None else restored[1]
     step = 0 if restored is None else restored[0]
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # what eval.py needs besides the checkpoints
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        tokenizer_file = manifest["tokenizer"]["file"]
+        shutil.copyfile(Path(config.data.dir) / tokenizer_file, workdir / tokenizer_file)
     stop_at = min(t.steps, t.stop_at_step) if t.stop_at_step > 0 else t.steps
     log = runlog.RunLog(workdir, config, start_step=step)
     meta = run_meta(config, manifest)

@@ -1,5 +1,5 @@
-"""Test setup: 8 simulated CPU devices (set before jax loads), a compilation cache, and the
-`variant` fixture."""
+"""Test setup: 8 simulated CPU devices (set before jax loads), a compilation cache, the `variant`
+fixture and the fetched benchmark folder."""
 
 import os
 import tempfile
@@ -13,8 +13,18 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 import pytest  # noqa: E402
 
 from configs.pretrain import VARIANTS  # noqa: E402
+from helpers import run_fetch  # noqa: E402
 
 
 @pytest.fixture(params=tuple(VARIANTS))
 def variant(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def fetched_eval_data(tmp_path_factory):
+    """The benchmark folder of scripts/fetch_eval_data.py, built once per session: (folder, result)."""
+    out = tmp_path_factory.mktemp("eval") / "data"
+    result = run_fetch(f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    return out, result

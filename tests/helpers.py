@@ -1,4 +1,9 @@
-"""Small helpers shared by the tests: debug-scale models, tokens, loss and gradients, a corpus."""
+"""Small helpers shared by the tests: debug-scale models, tokens, loss and gradients, a corpus,
+the command-line tools."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +68,11 @@ def assert_user_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+ROOT = Path(__file__).parents[1]
+
+
+def run_fetch(*args, env=None):
+    return subprocess.run([sys.executable, "scripts/fetch_eval_data.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)

@@ -1,0 +1,28 @@
+"""BIG-Bench Hard (27 tasks, 6,511 questions): 3-shot chain of thought, greedy, as the harness's
+`bbh_cot_fewshot`.
+
+The prompt is the task description and its three standard chain-of-thought exemplars, then
+"Q: <input>\nA: Let's think step by step.\n". Generation stops at "Q", a blank line or end of text
+(the harness allows 1,024 tokens; we stop at 256, which the exemplars' reasoning never needs). The
+answer is what follows "the answer is " up to the line's last character; exact match, case
+sensitive. The headline averages the 27 tasks.
+"""
+
+from mhc_jax.evals import eval_data, scoring
+from mhc_jax.evals.harness import Example, Task
+
+
+def examples(data_dir) -> list[Example]:
+    rows = []
+    for name in sorted(path.split("/")[1][:-len(".jsonl")] for path in eval_data.files(data_dir, "bbh/")):
+        rows += eval_data.load(data_dir, f"bbh/{name}.jsonl")
+    return [Example(row["prompt"] + "\n", gold=row["target"], subtask=row["task"]) for row in rows]
+
+
+def score(example: Example, generation: str) -> dict:
+    return scoring.bbh_score(generation, example.gold)
+
+
+TASK = Task("bbh", "3-shot chain of thought (the standard exemplars), greedy until 'Q' or a blank line, at most "
+            "256 tokens; exact match after 'the answer is'; mean over the 27 tasks", examples, score,
+            primary="exact_match", until=("</s>", "Q", "\n\n"), max_new_tokens=256, average_subtasks=True)

@@ -1,0 +1,181 @@
+"""The shared harness: a checkpoint as a language model (log-likelihoods of continuations, and
+generations), the task interface every benchmark file fills in, and the runner that turns a task's
+examples into its metrics.
+
+Log-likelihoods follow lm-evaluation-harness: the context's trailing whitespace moves to the
+continuation, the continuation's tokens are those of tokenize(context + continuation) past
+tokenize(context), and a request longer than `max_length` keeps its last `max_length` tokens.
+Requests are sorted by length and padded to power-of-two widths, so batching changes no score.
+"""
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from mhc_jax import checkpoint, sharding
+from mhc_jax.errors import UserError
+from mhc_jax.generate import Generator, bucket
+from mhc_jax.model import abstract_model
+from mhc_jax.tokenizer import file_sha256, load_tokenizer
+
+
+@dataclasses.dataclass
+class Example:
+    prompt: str  # the whole context, few-shot exemplars included
+    gold: Any  # what the task's score() compares against
+    choices: tuple[str, ...] = ()  # multiple choice: the continuations scored by log-likelihood
+    subtask: str = ""  # MMLU subject, BBH task, ...: per-subtask results
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    protocol: str  # how it is run and scored, shown with every result
+    examples: Callable[[Path], list[Example]]  # from the folder of scripts/fetch_eval_data.py
+    score: Callable[[Example, Any], dict[str, float]]  # (example, log-likelihoods or generated text)
+    primary: str  # the headline metric
+    until: tuple[str, ...] = ()  # generation: stop sequences
+    max_new_tokens: int = 0  # > 0 makes it a generation task
+    average_subtasks: bool = False  # the headline averages subtasks (BBH) instead of examples (MMLU)
+
+
+class LanguageModel:
+    """A checkpoint restored onto the devices present, with the tokenizer it was trained with."""
+
+    def __init__(self, workdir: str | Path, step: int | None = None, batch_size: int = 8, max_length: int = 2048):
+        workdir = Path(workdir)
+        if not (workdir / "checkpoints").is_dir():
+            raise UserError(f"--workdir: {workdir} has no checkpoints; train first with train.py --workdir={workdir}")
+        checkpoints = checkpoint.Checkpoints(workdir, create=False)
+        steps = checkpoints.steps()
+        if not steps:
+            raise UserError(f"--workdir: {workdir} has no checkpoints; train first with train.py --workdir={workdir}")
+        self.step = steps[0] if step is None else step
+        if self.step not in steps:
+            raise UserError(f"--step: {workdir}/checkpoints has no step {self.step}; it has {sorted(steps)}")
+        meta = checkpoints.read_meta(self.step)
+        self.config = ml_collections.ConfigDict(meta["config"])
+        self.tokenizer = load_workdir_tokenizer(workdir, meta)
+        self.tokenizer_sha256 = meta["tokenizer_sha256"]
+        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
+        self.graphdef, _, abstract_params = abstract_model(self.config.model, mesh)
+        self.params = checkpoints.restore_params(self.step, abstract_params)
+        checkpoints.close()
+        self.batch_size, self.max_length = batch_size, max_length
+        self.generator = Generator(self.graphdef, self.params, self.tokenizer, batch_size, max_length)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _token_logprobs(self, params, inputs_BT, targets_BT):
+        logits_BTV = nnx.merge(self.graphdef, params)(inputs_BT)
+        logprobs_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+        return logprobs_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+
+    def score_tokens(self, sequences: list[tuple[list[int], int]], desc: str = "") -> list[tuple[float, bool]]:
+        """For token sequences each with a number of scored tokens at its end: the summed
+        log-probability of those tokens and whether each was the greedy choice."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+        results: list = [None] * len(sequences)
+        for first in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=not desc, leave=False):
+            rows = order[first:first + self.batch_size]
+            width = bucket(max(len(sequences[i][0]) for i in rows) - 1)
+            inputs, targets = np.zeros((2, self.batch_size, width), np.int32)
+            for r, i in enumerate(rows):
+                tokens = sequences[i][0]
+                inputs[r, :len(tokens) - 1], targets[r, :len(tokens) - 1] = tokens[:-1], tokens[1:]
+            logprobs, greedy = jax.device_get(self._token_logprobs(self.params, inputs, targets))
+            for r, i in enumerate(rows):
+                tokens, scored = sequences[i]
+                span = slice(len(tokens) - 1 - scored, len(tokens) - 1)
+                results[i] = (float(logprobs[r, span].sum()), bool(greedy[r, span].all()))
+        return results
+
+    def loglikelihood(self, requests: list[tuple[str, str]], desc: str = "") -> list[tuple[float, bool]]:
+        """log P(continuation | context) and whether greedy decoding would produce it."""
+        sequences = []
+        for context, continuation in requests:
+            context_ids, continuation_ids = self.encode_pair(context, continuation)
+            tokens = (context_ids + continuation_ids)[-(self.max_length + 1):]
+            sequences.append((tokens, len(continuation_ids)))
+        return self.score_tokens(sequences, desc)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        trailing = len(context) - len(context.rstrip())
+        if trailing:
+            context, continuation = context[:-trailing], context[-trailing:] + continuation
+        whole, context_ids = (list(ids) for ids in self.tokenizer.encode_batch([context + continuation, context]))
+        if not context_ids:  # an empty context: condition on end-of-text
+            return [self.tokenizer.eos_id], whole
+        return context_ids, whole[len(context_ids):]
+
+    def rolling_loglikelihood(self, texts: list[str], desc: str = "") -> list[float]:
+        """log P(text) from end-of-text, in windows of max_length tokens each conditioned on the
+        token before it (lm-eval's loglikelihood_rolling)."""
+        windows, owners = [], []
+        for t, ids in enumerate(self.tokenizer.encode_batch(texts)):
+            tokens = [self.tokenizer.eos_id, *ids]
+            for start in range(0, len(tokens) - 1, self.max_length):
+                window = tokens[start:start + self.max_length + 1]
+                windows.append((window, len(window) - 1))
+                owners.append(t)
+        totals = [0.0] * len(texts)
+        for owner, (logprob, _) in zip(owners, self.score_tokens(windows, desc)):
+            totals[owner] += logprob
+        return totals
+
+    def generate(self, prompts: list[str], until: tuple[str, ...], max_new_tokens: int, desc: str = "") -> list[str]:
+        outputs = []
+        for first in tqdm(range(0, len(prompts), self.batch_size), desc=desc, disable=not desc, leave=False):
+            outputs += self.generator.generate(prompts[first:first + self.batch_size], list(until), max_new_tokens)
+        return outputs
+
+
+def load_workdir_tokenizer(workdir: Path, meta: dict):
+    """The tokenizer that train.py copied into the workdir, checked against the checkpoint."""
+    paths = [p for p in (workdir / "tokenizer.json", workdir / "tokenizer.model") if p.exists()]
+    if not paths or file_sha256(paths[0]) != meta["tokenizer_sha256"]:
+        raise UserError(f"--workdir: {workdir} lacks the tokenizer its checkpoints were trained with "
+                        "(tokenizer.json or tokenizer.model, written by train.py); copy it from the data folder")
+    return load_tokenizer(paths[0])
+
+
+def run(model: LanguageModel, data_dir: Path, limit: int | None, task: Task) -> dict:
+    """A task's metrics on (the first `limit` of) its examples, with per-subtask breakdowns."""
+    examples = task.examples(data_dir)[:limit]
+    desc = f"{task.name} ({len(examples)})"
+    if task.max_new_tokens:
+        outputs = model.generate([e.prompt for e in examples], task.until, task.max_new_tokens, desc)
+    else:
+        requests = [(e.prompt, choice) for e in examples for choice in e.choices]
+        scores = iter(model.loglikelihood(requests, desc))
+        outputs = [[next(scores)[0] for _ in e.choices] for e in examples]
+    per_example = [task.score(e, output) for e, output in zip(examples, outputs)]
+    subtasks = {}
+    for name in sorted({e.subtask for e in examples if e.subtask}):
+        rows = [s for e, s in zip(examples, per_example) if e.subtask == name]
+        subtasks[name] = {**mean_metrics(rows), "n": len(rows)}
+    metrics = mean_metrics(list(subtasks.values()) if task.average_subtasks else per_example)
+    return {"metrics": metrics, "primary": task.primary, "n": len(examples), "protocol": task.protocol,
+            "subtasks": subtasks, "samples": [{"prompt_tail": e.prompt[-200:], "output": o, "scores": s}
+                                              for e, o, s in list(zip(examples, outputs, per_example))[:3]]}
+
+
+def mean_metrics(rows: list[dict]) -> dict:
+    names = [k for k in rows[0] if k != "n"] if rows else []
+    return {name: float(np.mean([row[name] for row in rows])) for name in names}
+
+
+def write_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".partial")
+    temporary.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    temporary.rename(path)

@@ -1,0 +1,176 @@
+"""eval.py and the harness: prompts as specified, batching that changes no score, the lm-eval
+adapter, the end-to-end run on every task, and the bad inputs."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lm_eval.api.instance import Instance
+
+from helpers import assert_user_error, corpus_documents
+from mhc_jax import prepare
+from mhc_jax.evals import eval_data, hellaswag, registry, triviaqa
+from mhc_jax.evals.harness import LanguageModel
+from mhc_jax.evals.lm_eval_adapter import HarnessModel
+
+ROOT = Path(__file__).parents[1]
+ALL_TASKS = ",".join(registry.TASKS)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """An mhc debug model trained for a few steps on a small corpus (a 400-token BPE)."""
+    folder = tmp_path_factory.mktemp("evals")
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents(600)))
+    prepare.prepare(folder / "data", prepare.Recipe(sources=(str(folder / "docs.jsonl"),), vocab_size=400,
+                                                    val_fraction=0.2), command="test")
+    result = subprocess.run([sys.executable, "train.py", "--config=configs/pretrain.py:mhc,debug",
+                             f"--workdir={folder / 'run'}", f"--config.data.dir={folder / 'data'}",
+                             "--config.train.steps=4", "--config.log.progress=False"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return folder / "run"
+
+
+def run_eval(*args):
+    """eval.py on one CPU device (decoding is step by step: 8 simulated devices only add overhead;
+    the in-process tests here run sharded over 8)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+
+
+REQUESTS = [("The stream of", " residual"), ("Sinkhorn keeps the gain ", "near one."), ("", "A whole text."),
+            (corpus_documents()[3], " and"), ("x" * 3, " y" * 40)]
+
+
+def test_batching_changes_no_loglikelihood(workdir):
+    alone = LanguageModel(workdir, batch_size=1).loglikelihood(REQUESTS)
+    together = LanguageModel(workdir, batch_size=8).loglikelihood(REQUESTS)
+    np.testing.assert_allclose([s for s, _ in together], [s for s, _ in alone], rtol=1e-5)
+    assert [g for _, g in together] == [g for _, g in alone]
+    assert all(s < 0 for s, _ in alone)
+
+
+def test_rolling_loglikelihood_is_the_text_after_end_of_text(workdir):
+    model = LanguageModel(workdir, batch_size=4, max_length=16)
+    texts = [corpus_documents()[0][:60], corpus_documents()[1]]
+    rolling = model.rolling_loglikelihood(texts)
+    whole = LanguageModel(workdir, batch_size=4, max_length=1024).loglikelihood([("", text) for text in texts])
+    np.testing.assert_allclose(rolling[0], whole[0][0], rtol=1e-4)  # one window: the same computation
+    assert rolling[1] < whole[1][0]  # windows of 16 tokens see less context than the whole text
+
+
+def test_lm_eval_adapter_answers_like_the_harness(workdir):
+    adapter = HarnessModel(workdir=str(workdir), batch_size=4)
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(REQUESTS)]
+    expected = adapter.model.loglikelihood(REQUESTS)
+    np.testing.assert_allclose([s for s, _ in adapter.loglikelihood(requests)], [s for s, _ in expected], rtol=1e-5)
+    generations = adapter.generate_until([
+        Instance("generate_until", {}, ("The stream", {"until": ["\n"], "max_gen_toks": 8}), 0),
+        Instance("generate_until", {}, ("Sinkhorn", {"until": "."}), 1)])
+    assert len(generations) == 2 and all(isinstance(g, str) for g in generations)
+    assert "\n" not in generations[0] and "." not in generations[1]
+    assert adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("Some text.",), 0)])[0] < 0
+
+
+def write_eval_folder(folder: Path, files: dict[str, list[dict]]) -> Path:
+    """A benchmark folder with our own made-up rows and a manifest that eval_data accepts."""
+    entries = {}
+    for relative, rows in files.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+        entries[relative] = {"rows": len(rows), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps({"format": eval_data.FORMAT, "files": entries}))
+    return folder
+
+
+MADE_UP = {
+    "mmlu/dev.jsonl": [{"subject": "college_physics", "question": "What falls? ", "choices": ["a", "b", "c", "d"],
+                        "answer": 2}],
+    "mmlu/test.jsonl": [{"subject": "college_physics", "question": "Why?", "choices": ["w", "x", "y", "z"],
+                         "answer": 0}],
+    "gsm8k/fewshot.jsonl": [{"question": "1 + 1?", "target": "It is 2. The answer is 2."}],
+    "gsm8k/test.jsonl": [{"question": "2 + 2?", "answer": "2 + 2 = 4\n#### 4", "target": "4"}],
+    "bbh/toy.jsonl": [{"task": "toy", "input": "Is it?", "target": "Yes",
+                       "prompt": "Answer.\n\nQ: Was it?\nA: Let's think step by step.\nIt was. So the answer is No."
+                                 "\n\nQ: Is it?\nA: Let's think step by step."}],
+    "drop/fewshot.jsonl": [{"passage": "P1.", "question": "Q1?", "answer": "A1"}],
+    "drop/validation.jsonl": [{"query_id": "q", "passage": "P.", "question": "Q?", "answers": [["x"]]}],
+    "hellaswag/validation.jsonl": [{"activity_label": "Baking", "ctx_a": "She mixes", "ctx_b": "then  bakes",
+                                    "endings": ["it [title] well.", "b", "c", "d"], "label": 0}] * 2,
+    "piqa/validation.jsonl": [{"goal": "Open a jar", "sol1": "twist", "sol2": "shout", "label": 0}],
+    "triviaqa/validation.jsonl": [{"question": "Who", "aliases": ["Me", "me!"], "value": "Me"}] * 2,
+    "math/fewshot.jsonl": [{"problem": "1+1", "solution": "$\\boxed{2}$\nFinal Answer: The final answer is $2$. "
+                                                          "I hope it is correct."}],
+    "math/test.jsonl": [{"problem": "2+2", "solution": "$\\boxed{4}$", "answer": "4", "level": "Level 1",
+                         "type": "Algebra"}],
+}
+GOLDEN = {
+    "mmlu": "The following are multiple choice questions (with answers) about college physics.\n\n"
+            "What falls?\nA. a\nB. b\nC. c\nD. d\nAnswer: C\n\nWhy?\nA. w\nB. x\nC. y\nD. z\nAnswer:",
+    "gsm8k": "Q: 1 + 1?\nA: It is 2. The answer is 2.\n\nQ: 2 + 2?\nA:",
+    "bbh": "Answer.\n\nQ: Was it?\nA: Let's think step by step.\nIt was. So the answer is No.\n\nQ: Is it?\n"
+           "A: Let's think step by step.\n",
+    "drop": "Passage: P1.\nQuestion: Q1?\nAnswer: A1\n\nPassage: P.\nQuestion: Q?\nAnswer:",
+    "hellaswag": "Baking: She mixes Then bakes it. well.\n\nBaking: She mixes Then bakes",
+    "piqa": "Question: Open a jar\nAnswer:",
+    "triviaqa": "Question: Who?\nAnswer: Me\n\nQuestion: Who?\nAnswer:",
+    "math": "Problem:\n1+1\n\nSolution: $\\boxed{2}$\nFinal Answer: The final answer is $2$. I hope it is correct."
+            "\n\nProblem:\n2+2\n\nSolution:",
+}
+
+
+def test_prompts_are_rendered_exactly(tmp_path, monkeypatch):
+    folder = write_eval_folder(tmp_path / "eval", MADE_UP)
+    monkeypatch.setattr(hellaswag, "SHOTS", 1)
+    monkeypatch.setattr(triviaqa, "SHOTS", 1)
+    for name, golden in GOLDEN.items():
+        task = registry.TASKS[name].keywords["task"]
+        example = task.examples(folder)[0]
+        assert example.prompt == golden, name
+    assert registry.TASKS["mmlu"].keywords["task"].examples(folder)[0].choices == (" A", " B", " C", " D")
+    assert registry.TASKS["hellaswag"].keywords["task"].examples(folder)[0].choices[0] == " it. well."
+
+
+def test_every_task_end_to_end(workdir, fetched_eval_data):
+    data_dir, _ = fetched_eval_data
+    result = run_eval(f"--workdir={workdir}", f"--tasks={ALL_TASKS}", "--limit=3", f"--data_dir={data_dir}")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((workdir / "eval" / "4" / "results.json").read_text())
+    assert results["step"] == 4 and set(results["tasks"]) == set(registry.TASKS)
+    for name, task in results["tasks"].items():
+        assert task["n"] == 3 and task["limit"] == 3 and task["protocol"], name
+        assert task["primary"] in task["metrics"], name
+        assert all(np.isfinite(v) for v in task["metrics"].values()), name
+        if name != "perplexity":
+            assert all(0.0 <= v <= 1.0 for v in task["metrics"].values()), name
+    assert "DROP EM and F1; on the fixed 1000-question validation subsample" in results["tasks"]["drop"]["protocol"]
+    assert results["tasks"]["perplexity"]["metrics"]["bits_per_byte"] > 0
+    for name in ALL_TASKS.split(","):
+        assert name in result.stdout
+    again = run_eval(f"--workdir={workdir}", "--tasks=piqa", "--limit=2", f"--data_dir={data_dir}")
+    assert again.returncode == 0, again.stderr
+    merged = json.loads((workdir / "eval" / "4" / "results.json").read_text())
+    assert merged["tasks"]["piqa"]["n"] == 2 and merged["tasks"]["mmlu"] == results["tasks"]["mmlu"]
+
+
+def test_bad_inputs(workdir, fetched_eval_data, tmp_path):
+    data_dir, _ = fetched_eval_data
+    assert_user_error(run_eval(f"--workdir={workdir}", f"--data_dir={tmp_path / 'none'}"),
+                      "fetch_eval_data.py", str(tmp_path / "none"))
+    assert_user_error(run_eval(f"--workdir={workdir}", "--tasks=mmlu,squad", f"--data_dir={data_dir}"),
+                      "--tasks", "squad")
+    assert_user_error(run_eval(f"--workdir={tmp_path}", f"--data_dir={data_dir}"), "has no checkpoints")
+    assert_user_error(run_eval(f"--workdir={workdir}", "--step=99", f"--data_dir={data_dir}"), "--step", "99")
+    tampered = tmp_path / "tampered"
+    write_eval_folder(tampered, {"piqa/validation.jsonl": MADE_UP["piqa/validation.jsonl"]})
+    (tampered / "piqa" / "validation.jsonl").write_text(json.dumps({"goal": "changed"}) + "\n")
+    assert_user_error(run_eval(f"--workdir={workdir}", "--tasks=piqa", f"--data_dir={tampered}"),
+                      "piqa/validation.jsonl", "sha256")
