@@ -1,9 +1,11 @@
-"""Plots of a run's metrics.jsonl: loss curves and the composite Amax gain over training."""
+"""Plots of a run's metrics.jsonl (loss curves and the composite Amax gain over training) and of the
+stability study's runs (mhc_jax/study.py)."""
 
 import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,12 +33,140 @@ def plot_run(workdir: str | Path) -> Path:
     gain_axes.plot(*series(records, "amax_backward"), "s-", label="backward (max column sum)")
     gain_axes.set(xlabel="step", ylabel="composite Amax gain", title="stability: max over sites", yscale="log")
     gain_axes.axhline(1.0, color="gray", linewidth=0.5)
-    gain_axes.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))  # not 1.05 x 10^0 on short ranges
-    gain_axes.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+    _plain_log_labels(gain_axes)
     gain_axes.legend()
     figure.suptitle(Path(workdir).name)
     figure.tight_layout()
     path = Path(workdir) / "run.png"
     figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+# The stability study (mhc_jax/study.py): one color per variant; lr x1 solid with the seeds' range
+# shaded, the stress learning rate dashed.
+COLORS = {"residual": "tab:gray", "hc": "tab:red", "mhc": "tab:blue"}
+
+
+def smooth(values: list[float], window: int) -> np.ndarray:
+    """Trailing moving average (the first points average what there is)."""
+    cumulative = np.cumsum(np.insert(np.asarray(values, float), 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    ends = np.arange(1, len(values) + 1)
+    return (cumulative[ends] - cumulative[ends - counts]) / counts
+
+
+def _band(axes, curves: list[tuple[list, list]], color: str, label: str, marker: str | None = None):
+    """Mean over seeds with the min-max range shaded, on the steps every seed has."""
+    common = sorted(set.intersection(*(set(steps) for steps, _ in curves)))
+    values = np.array([[dict(zip(*curve))[s] for s in common] for curve in curves])
+    axes.plot(common, values.mean(0), color=color, label=label, marker=marker, markersize=3, linewidth=1.2)
+    if len(curves) > 1:
+        axes.fill_between(common, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
+
+
+def _finite_series(records: list[dict], key: str) -> tuple[list, list]:
+    steps, values = series(records, key)
+    keep = [i for i, v in enumerate(values) if v is not None and np.isfinite(v)]
+    return [steps[i] for i in keep], [values[i] for i in keep]
+
+
+def _draw(axes, variant: str, factor: float, curves: list[tuple[list, list]], marker: str | None = None):
+    """lr x1: the seeds' mean and range; a stress learning rate: one dashed line per seed."""
+    if factor == 1.0:
+        _band(axes, curves, COLORS[variant], f"{variant} (lr x1, {len(curves)} seeds)", marker)
+        return
+    for steps, values in curves:
+        axes.plot(steps, values, "--", color=COLORS[variant], linewidth=1, label=f"{variant} (lr x{factor:g})")
+
+
+def _study_curves(axes, runs: dict, key: str, transform=None, marker=None):
+    """runs: {(variant, lr_factor): [records of each seed]}."""
+    for (variant, factor), seeds in runs.items():
+        curves = [_finite_series(records, key) for records in seeds]
+        curves = [(s, transform(v) if transform else v) for s, v in curves if s]
+        if curves:
+            _draw(axes, variant, factor, curves, marker)
+
+
+def plot_study_losses(runs: dict, path: Path, window: int) -> Path:
+    figure, (train_axes, eval_axes) = plt.subplots(1, 2, figsize=(11, 4))
+    _study_curves(train_axes, runs, "loss", transform=lambda v: smooth(v, window).tolist())
+    _study_curves(eval_axes, runs, "eval_loss", marker="o")
+    train_axes.set(xlabel="step", ylabel="loss (nats/token)", title=f"train loss ({window}-step moving average)")
+    eval_axes.set(xlabel="step", ylabel="loss (nats/token)", title="validation loss")
+    for axes in (train_axes, eval_axes):
+        low, high = axes.get_ylim()
+        axes.set_ylim(low, min(high, low + 4))  # the first steps' loss would flatten the rest
+        axes.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def _gain_axes(axes, title: str, xlabel: str):
+    axes.set(xlabel=xlabel, ylabel="composite Amax gain", title=title, yscale="log")
+    axes.axhline(1.0, color="black", linewidth=0.5)
+    _plain_log_labels(axes)
+    axes.legend(fontsize=8)
+
+
+def _plain_log_labels(axes):
+    """1.05 rather than 1.05 x 10^0 on a log axis that spans less than a decade (call after plotting)."""
+    low, high = axes.get_ylim()
+    if high < 10 * low:
+        axes.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axes.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+
+
+def plot_study_amax(runs: dict, path: Path) -> Path:
+    figure, (forward, backward) = plt.subplots(1, 2, figsize=(11, 4))
+    _study_curves(forward, runs, "amax_forward", marker="o")
+    _study_curves(backward, runs, "amax_backward", marker="o")
+    _gain_axes(forward, "forward: max row sum of the composite map, max over sites", "step")
+    _gain_axes(backward, "backward: max column sum, max over sites", "step")
+    return _save(figure, path)
+
+
+def plot_study_sites(runs: dict, path: Path) -> Path:
+    """Per-site composite Amax gain at the last measurement (the map from each site to the output)."""
+    figure, (forward, backward) = plt.subplots(1, 2, figsize=(11, 4))
+    for axes, key in ((forward, "amax_forward_per_site"), (backward, "amax_backward_per_site")):
+        for (variant, factor), seeds in runs.items():
+            finals = [next((r[key] for r in reversed(records) if key in r and np.isfinite(r[key]).all()), None)
+                      for records in seeds]
+            curves = [(list(range(len(f))), f) for f in finals if f]
+            if curves:
+                _draw(axes, variant, factor, curves)
+    sites = "site (layer l: 2l attention, 2l+1 MLP)"
+    _gain_axes(forward, "forward gain of the map from each site to the output", sites)
+    _gain_axes(backward, "backward gain of the same maps", sites)
+    return _save(figure, path)
+
+
+def plot_h_res(maps: dict, path: Path) -> Path:
+    """Heat maps of hc's and mhc's H_res at one site and of their composite over all sites."""
+    layer, sublayer = divmod(maps["site"], 2)
+    where = f"site {maps['site']} (layer {layer} {('attention', 'MLP')[sublayer]})"
+    figure, grid = plt.subplots(2, 2, figsize=(8, 7.5))
+    for row, variant in enumerate(("hc", "mhc")):
+        panels = (("single", f"H_res at {where}"), ("composite", "composite over all sites"))
+        for column, (kind, title) in enumerate(panels):
+            matrix, axes = np.array(maps[variant][kind]), grid[row, column]
+            image = axes.imshow(matrix, cmap="RdBu_r", norm=matplotlib.colors.CenteredNorm(0.0))
+            for (i, j), value in np.ndenumerate(matrix):
+                dark = abs(value) > 0.6 * np.abs(matrix).max()
+                axes.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=8,
+                          color="white" if dark else "black")
+            rows, columns = np.abs(matrix.sum(1)).max(), np.abs(matrix.sum(0)).max()
+            axes.set(title=f"{variant}: {title}\nmax |row sum| {rows:.3g}, max |column sum| {columns:.3g}",
+                     xticks=range(len(matrix)), yticks=range(len(matrix)))
+            axes.title.set_fontsize(9)
+            figure.colorbar(image, ax=axes, fraction=0.046)
+    figure.suptitle("H_res, mean over the tokens of one validation batch (row i makes the new stream i)", fontsize=10)
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
     plt.close(figure)
     return path

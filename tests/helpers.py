@@ -1,6 +1,7 @@
 """Small helpers shared by the tests: debug-scale models, tokens, loss and gradients, a corpus,
 the command-line tools."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import optax
 from flax import nnx
 
 from configs.pretrain import get_config
+from mhc_jax import prepare
 from mhc_jax.model import Transformer
 
 
@@ -59,6 +61,14 @@ def corpus_documents(n_documents: int = 240, seed: int = 0) -> list[str]:
                      for _ in range(rng.integers(1, 8))]
         documents.append(" ".join(sentences))
     return documents + documents[:2]
+
+
+def prepare_small_corpus(folder: Path) -> Path:
+    """FOLDER/data: a prepared dataset of made-up documents with a 400-token BPE (fast to train on)."""
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents(600)))
+    prepare.prepare(folder / "data", prepare.Recipe(sources=(str(folder / "docs.jsonl"),), vocab_size=400,
+                                                    val_fraction=0.2), command="test")
+    return folder / "data"
 
 
 def assert_user_error(result, *fragments):

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 
-from helpers import assert_user_error, corpus_documents
-from mhc_jax import prepare
+from helpers import assert_user_error, corpus_documents, prepare_small_corpus
 from mhc_jax.evals import eval_data, hellaswag, registry, triviaqa
 from mhc_jax.evals.harness import LanguageModel
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
@@ -26,9 +25,7 @@ ALL_TASKS = ",".join(registry.TASKS)
 def workdir(tmp_path_factory):
     """An mhc debug model trained for a few steps on a small corpus (a 400-token BPE)."""
     folder = tmp_path_factory.mktemp("evals")
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents(600)))
-    prepare.prepare(folder / "data", prepare.Recipe(sources=(str(folder / "docs.jsonl"),), vocab_size=400,
-                                                    val_fraction=0.2), command="test")
+    prepare_small_corpus(folder)
     result = subprocess.run([sys.executable, "train.py", "--config=configs/pretrain.py:mhc,debug",
                              f"--workdir={folder / 'run'}", f"--config.data.dir={folder / 'data'}",
                              "--config.train.steps=4", "--config.log.progress=False"],

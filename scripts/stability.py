@@ -1,0 +1,80 @@
+"""The stability study: residual vs HC vs mHC at the 10m scale, within a CPU budget.
+
+    python scripts/stability.py --out=DIR [--budget_minutes=60] [--seeds=0,1,2] [--stress_seeds=0]
+        [--stress_lr_factor=3] [--config=configs/stability.py:10m] [--config.a.b=value ...]
+
+Trains `residual`, `hc` and `mhc` at every seed with the same data order, optimizer and schedule, and
+again at each stress seed with the learning rate multiplied by --stress_lr_factor. Unless
+--config.train.steps is set, it times a step of each variant first and gives every run the same number
+of steps, as many as the budget allows. Then it writes DIR/report.md with its plots (see
+mhc_jax/study.py for the folder). Running the same command again continues an interrupted study.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mhc_jax import cli, study, study_report, trainer  # noqa: E402
+from mhc_jax.errors import UserError  # noqa: E402
+
+CONFIG = config_flags.DEFINE_config_file(
+    "config", str(Path(__file__).resolve().parents[1] / "configs/stability.py") + ":10m",
+    "the study's base config: configs/stability.py:<scale>")
+OUT = flags.DEFINE_string("out", None, "the study folder: runs, plots, report.md")
+BUDGET = flags.DEFINE_float("budget_minutes", 60.0, "time for calibration and training, all runs together")
+SEEDS = flags.DEFINE_string("seeds", "0,1,2", "seeds of the runs at the config's learning rate")
+STRESS_SEEDS = flags.DEFINE_string("stress_seeds", "0", "seeds of the stress runs ('' for none)")
+STRESS_LR_FACTOR = flags.DEFINE_float("stress_lr_factor", 3.0, "the stress runs' learning-rate multiplier")
+
+
+def parse_seeds(flag: flags.FlagHolder, allow_empty: bool) -> list[int]:
+    text = flag.value.strip()
+    try:
+        seeds = [int(s) for s in text.split(",")] if text else []
+    except ValueError:
+        raise UserError(f"--{flag.name}: expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if (not seeds and not allow_empty) or len(set(seeds)) != len(seeds):
+        raise UserError(f"--{flag.name}: expected distinct comma-separated integers like 0,1,2, got {text!r}")
+    return seeds
+
+
+def main(argv):
+    started = time.perf_counter()
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
+    if not OUT.value:
+        cli.fail("--out: required, e.g. --out=runs/stability")
+    if BUDGET.value <= 0:
+        cli.fail(f"--budget_minutes: must be positive, got {BUDGET.value:g}")
+    seeds, stress_seeds = parse_seeds(SEEDS, allow_empty=False), parse_seeds(STRESS_SEEDS, allow_empty=True)
+    if stress_seeds and STRESS_LR_FACTOR.value in (0.0, 1.0):
+        cli.fail(f"--stress_lr_factor: must differ from 0 and 1, got {STRESS_LR_FACTOR.value:g} "
+                 "(or pass --stress_seeds='' for no stress runs)")
+    config = cli.load_config(CONFIG)
+    vocab_overridden = "model.vocab_size" in config_flags.get_override_values(flags.FLAGS["config"])
+    trainer.open_data(config, vocab_overridden)  # prepares data/default on first use
+    runs = study.study_runs(seeds, stress_seeds, STRESS_LR_FACTOR.value)
+    settings = {"budget_minutes": BUDGET.value, "seeds": seeds, "stress_seeds": stress_seeds,
+                "stress_lr_factor": STRESS_LR_FACTOR.value, "config": config.to_dict()}
+    out = Path(OUT.value)
+    plan = study.load_plan(out, settings) or study.make_plan(out, config, runs, BUDGET.value, settings)
+    print(f"{len(runs)} runs of {plan['steps']} steps in {out}", flush=True)
+    if not study.train_runs(out, config, runs, plan["steps"], vocab_overridden):
+        print("stopped; run the same command to continue", flush=True)
+        return 0
+    timings = study.read_timings(out)
+    h_res = study.representative_h_res(out, config, runs, plan["steps"])
+    command = " ".join(["python", "scripts/stability.py", *sys.argv[1:]])
+    report = study_report.write_report(out, runs, plan, timings, h_res, command, config)
+    print(f"wrote {report} and its plots; this invocation took {(time.perf_counter() - started) / 60:.1f} min",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,136 @@
+"""The stability study (scripts/stability.py) on a tiny budget: debug scale, a few steps, a small corpus."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_user_error, prepare_small_corpus
+
+from mhc_jax import study
+from mhc_jax.study_report import fmt
+
+ROOT = Path(__file__).parents[1]
+STEPS = 6
+PLOTS = ("loss.png", "amax.png", "amax_per_site.png", "h_res.png")
+
+
+def run_study(out, *args, data_dir=None):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    command = [sys.executable, "scripts/stability.py", f"--out={out}", "--config=configs/stability.py:debug",
+               *([f"--config.data.dir={data_dir}"] if data_dir else []), *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return prepare_small_corpus(tmp_path_factory.mktemp("study_data"))
+
+
+TINY = (f"--config.train.steps={STEPS}", "--config.train.eval_batches=2", "--seeds=0,1", "--stress_seeds=0")
+
+
+@pytest.fixture(scope="module")
+def finished_study(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    result = run_study(out, *TINY, data_dir=small_data)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def run_table(report: str) -> list[dict]:
+    """The rows of the report's table of runs (the first table), as {column: cell}."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| run |"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[start + 2:end]]
+
+
+def test_the_study_writes_its_plots_and_a_report_with_every_field(finished_study):
+    report = (finished_study / "report.md").read_text()
+    for plot in PLOTS:
+        image = (finished_study / plot).read_bytes()
+        assert image.startswith(b"\x89PNG") and len(image) < 250_000, plot
+        assert f"({plot})" in report
+    for section in ("Command: `python scripts/stability.py --out=", "Budget: 60 minutes; used", "Versions: Python",
+                    "jax 0.", "## Reading", "mHC forward gain stays at 1", "HC amplifies", "Stress (lr x3)",
+                    "| variant | seeds | mean final validation loss"):
+        assert section in report, section
+    rows = run_table(report)
+    assert [row["run"] for row in rows] == [run.name for run in study.study_runs([0, 1], [0], 3.0)]
+    for row in rows:
+        assert row["final validation loss"] != "-" and row["max composite Amax forward"] != "-", row
+
+
+def test_the_reports_amax_numbers_are_those_in_metrics_jsonl(finished_study):
+    for row in run_table((finished_study / "report.md").read_text()):
+        records = [json.loads(line) for line in (finished_study / "runs" / row["run"] / "metrics.jsonl").open()]
+        diagnosed = [r for r in records if "amax_forward" in r]
+        assert diagnosed[-1]["step"] == STEPS and len(diagnosed) == STEPS  # measured at every step of 6
+        over_2 = [r["step"] for r in diagnosed if r["amax_forward"] > 2]
+        assert row["max composite Amax forward"] == fmt(max(r["amax_forward"] for r in diagnosed))
+        assert row["max composite Amax backward"] == fmt(max(r["amax_backward"] for r in diagnosed))
+        assert row["final forward"] == fmt(diagnosed[-1]["amax_forward"])
+        assert row["final backward"] == fmt(diagnosed[-1]["amax_backward"])
+        assert row["first step forward > 2"] == fmt(over_2[0] if over_2 else None)
+        assert row["final validation loss"] == fmt(records[-1]["eval_loss"], 4)
+        if row["variant"] == "residual":
+            assert row["max composite Amax forward"] == "1"
+
+
+def test_the_heat_maps_show_doubly_stochastic_mhc_and_free_hc(finished_study):
+    maps = json.loads((finished_study / "summary.json").read_text())["h_res"]
+    for kind in ("single", "composite"):
+        mhc = np.array(maps["mhc"][kind])
+        assert mhc.shape == (4, 4) and (mhc > 0).all()
+        np.testing.assert_allclose(mhc.sum(axis=1), 1.0, atol=1e-5)  # Sinkhorn ends on rows: exact
+        np.testing.assert_allclose(mhc.sum(axis=0), 1.0, atol=1e-2)
+    assert np.abs(np.array(maps["hc"]["single"]).sum(axis=1) - 1).max() > 1e-4  # HC's rows are free
+
+
+def test_the_same_command_reuses_the_runs_and_other_settings_are_refused(finished_study, small_data):
+    metrics = {p: p.read_bytes() for p in finished_study.glob("runs/*/metrics.jsonl")}
+    result = run_study(finished_study, *TINY, data_dir=small_data)
+    assert result.returncode == 0, result.stderr
+    assert {p: p.read_bytes() for p in finished_study.glob("runs/*/metrics.jsonl")} == metrics
+    report = (finished_study / "report.md").read_bytes()
+    assert_user_error(run_study(finished_study, *TINY[:-2], "--seeds=0", "--stress_seeds=0", data_dir=small_data),
+                      "--out", "seeds")
+    assert (finished_study / "report.md").read_bytes() == report
+
+
+def test_bad_inputs_and_a_budget_too_small(small_data, tmp_path):
+    assert_user_error(run_study(tmp_path / "a", "--seeds=0,x", data_dir=small_data), "--seeds", "0,x")
+    assert_user_error(run_study(tmp_path / "a", "--stress_lr_factor=1", data_dir=small_data), "--stress_lr_factor")
+    assert_user_error(run_study(tmp_path / "a", "--budget_minutes=0.1", data_dir=small_data),
+                      "--budget_minutes", "steps per run")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    assert_user_error(run_study(tmp_path / "b", *TINY, data_dir=small_data), "--out", "no plan.json")
+
+
+def test_the_budget_buys_equal_steps_for_every_run():
+    runs = study.study_runs([0, 1], [0], 3.0)
+    timings = {"residual": study.StepTiming(5.0, 1.0), "hc": study.StepTiming(8.0, 2.0),
+               "mhc": study.StepTiming(8.0, 2.0)}
+    steps = study.affordable_steps(3600.0, runs, timings, eval_batches=8)
+    forwards = (study.EVALUATIONS * 8 + study.DIAGNOSTICS) / 3
+    spent = sum(timings[r.variant].first_step + study.RUN_STARTUP_SECONDS
+                + timings[r.variant].step * (steps + forwards) for r in runs)
+    assert spent <= 3600.0 < spent + sum(timings[r.variant].step for r in runs)
+
+
+def test_a_run_summary_reads_divergence_and_the_first_amplified_step():
+    records = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0, "amax_forward": 1.5, "amax_backward": 1.2},
+               {"step": 4, "loss": 3.0, "amax_forward": 2.5, "amax_backward": 3.0, "eval_loss": 3.5},
+               {"step": 6, "loss": 2.0, "amax_forward": 9.0, "amax_backward": 2.0},
+               {"step": 7, "loss": float("nan")}]
+    summary = study.summarize_run(records)
+    assert summary["diverged_at"] == 7 and summary["first_step_forward_over_2"] == 4
+    assert (summary["max_amax_forward"], summary["max_amax_backward"]) == (9.0, 3.0)
+    assert (summary["final_amax_forward"], summary["final_eval_loss"]) == (9.0, 3.5)
