@@ -51,8 +51,8 @@ def run_config(base, run: Run, steps: int):
     long, with evaluation, diagnostic and checkpoint cadences that follow from the steps."""
     config = copy.deepcopy(base)
     m, t = config.model, config.train
-    m.residual = CONFIG_VARIANTS[run.variant][0]
-    m.n_streams = 1 if run.variant == "residual" else base.model.n_streams
+    m.residual, n_streams = CONFIG_VARIANTS[run.variant]
+    m.n_streams = 1 if n_streams == 1 else base.model.n_streams  # the study config's n for HC and mHC
     t.seed, t.lr, t.steps = run.seed, base.train.lr * run.lr_factor, steps
     t.warmup_steps = base.train.warmup_steps or max(1, steps // 10)
     t.eval_every = max(1, steps // EVALUATIONS)

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from mhc_jax import plots
-from mhc_jax.study import Run, run_config, summarize_run
+from mhc_jax.study import VARIANTS, Run, read_records, run_config, summarize_run
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "matplotlib")
 EXPECTED_MHC_FORWARD = 1e-3  # the expectation: mHC's composite forward gain is 1 +- this
@@ -47,7 +47,7 @@ def run_table(runs: list[Run], summaries: dict[str, dict]) -> list[str]:
 
 def by_variant(runs: list[Run], summaries: dict, factor: float, key: str) -> dict[str, list[float]]:
     return {v: [summaries[r.name][key] for r in runs if r.variant == v and r.lr_factor == factor
-                and summaries[r.name][key] is not None] for v in ("residual", "hc", "mhc")}
+                and summaries[r.name][key] is not None] for v in VARIANTS}
 
 
 def variant_table(runs: list[Run], summaries: dict) -> list[str]:
@@ -116,7 +116,7 @@ def reading(runs: list[Run], summaries: dict, stress: float | None) -> list[str]
 
 def write_report(out: Path, runs: list[Run], plan: dict, timings: dict, h_res: dict, command: str,
                  study_config) -> Path:
-    records = {r.name: plots.read_metrics(out / "runs" / r.name) for r in runs}
+    records = {r.name: read_records(out / "runs" / r.name) for r in runs}
     summaries = {name: summarize_run(rs) for name, rs in records.items()}
     grouped = {}
     for run in runs:
