@@ -6,7 +6,7 @@ e.g. `--config.model.n_streams=2 --config.model.mhc.sinkhorn_iters=40`.
 
 import ml_collections
 
-from configs.scales import SCALES
+from configs.scales import DENSE_MOE, PAPER_MLA, SCALES
 from mhc_jax.errors import UserError
 
 # Training defaults by scale: (steps, global batch in sequences, seq_len, peak lr, warmup steps).
@@ -15,6 +15,11 @@ TRAINING = {
     "10m": (2000, 32, 256, 3e-3, 200),
     "100m": (20000, 256, 1024, 1e-3, 2000),
     "1b": (50000, 512, 2048, 4e-4, 2000),
+    "moe_debug": (200, 8, 64, 3e-3, 20),
+    # The mHC paper's Table 5 (its step decay is train.schedule='step'):
+    "3b": (30000, 320, 4096, 8.6e-4, 2000),
+    "9b": (50000, 512, 4096, 5.9e-4, 2000),
+    "27b": (50000, 1280, 4096, 4.0e-4, 2000),
 }
 
 # variant -> (model.residual, model.n_streams); 'hc_static' also sets model.hc.dynamic = False.
@@ -52,15 +57,34 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     m.vocab_size = shape["vocab_size"]  # the data's tokenizer overrides it once the data pipeline lands
     m.d_model = shape["d_model"]  # C: width of each stream
     m.n_layers = shape["n_layers"]  # blocks; each has two residual sites (attention, then MLP)
-    m.n_heads = shape["n_heads"]  # query heads; head_dim = d_model // n_heads
-    m.n_kv_heads = shape["n_kv_heads"]  # key/value heads (< n_heads is grouped-query attention)
-    m.d_ff = shape["d_ff"]  # hidden width of the SwiGLU MLP
+    m.n_heads = shape["n_heads"]  # query heads; with 'mha' head_dim = d_model // n_heads
+    m.n_kv_heads = shape["n_kv_heads"]  # 'mha' key/value heads (< n_heads is grouped-query attention)
+    m.d_ff = shape["d_ff"]  # hidden width of the dense SwiGLU MLPs (all layers, or the leading dense ones)
+    m.attention = shape["attention"]  # 'mha' (multi-head/grouped-query) or 'mla' (multi-head latent attention)
     m.tie_embeddings = shape["tie_embeddings"]  # unembed with the transposed embedding table
     m.rope_theta = 10_000.0  # RoPE base (the paper's Table 5)
     m.norm_eps = 1e-6  # RMSNorm epsilon, everywhere in the model
     m.dtype = "auto"  # compute dtype of activations: 'auto' is bfloat16 on GPU/TPU, float32 on CPU; params stay float32
     m.scan_layers = True  # lax.scan over the stacked blocks: compile time independent of depth
     m.remat = shape["remat"]  # per-block rematerialization: 'none', 'full' (keep only the stream) or 'dots'
+
+    mla = m.mla = ml_collections.ConfigDict()  # multi-head latent attention (DeepSeek-V2/V3), attention='mla'
+    mla_shape = shape.get("mla", PAPER_MLA)
+    mla.kv_rank = mla_shape["kv_rank"]  # width of the compressed KV latent (RMS-normalized; cached when decoding)
+    mla.rope_dim = mla_shape["rope_dim"]  # dims of the RoPE query part and of the RoPE key that all heads share
+    mla.head_dim = mla_shape["head_dim"]  # per-head dims of the no-RoPE query/key part and of the values
+
+    moe = m.moe = ml_collections.ConfigDict()  # DeepSeekMoE FFNs with V3 routing (mhc_jax/moe.py)
+    moe_shape = shape.get("moe", DENSE_MOE)
+    moe.n_experts = moe_shape["n_experts"]  # routed experts per MoE layer; 0 makes every layer dense
+    moe.top_k = moe_shape["top_k"]  # routed experts per token, chosen on sigmoid affinity + router bias
+    moe.n_shared = moe_shape["n_shared"]  # shared experts every token passes through
+    moe.d_expert = moe_shape["d_expert"]  # hidden width of each expert's SwiGLU
+    moe.first_dense_layers = moe_shape["first_dense_layers"]  # leading layers with a dense MLP of width d_ff
+    moe.routed_scale = 1.0  # multiplies the renormalized gates of the routed experts (V3's routed scaling factor)
+    moe.capacity_factor = 1.25  # per-sequence expert capacity ceil(f * T * top_k / n_experts); <= 0: dropless
+    moe.bias_update_rate = 1e-3  # gamma: after each step bias_i += gamma * sign(mean load - load_i) (V3: 0.001)
+    moe.balance_loss_weight = 0.0  # weight of V3's complementary sequence-wise balance loss; 0: off
 
     hc = m.hc = ml_collections.ConfigDict()  # Hyper-Connections (Zhu et al. 2024), used when residual='hc'
     hc.dynamic = variant != "hc_static"  # add the input-dependent terms (DHC); False is static HC (SHC)
@@ -103,9 +127,10 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3  # the newest this many are kept
     t.stop_at_step = 0  # if > 0, save and stop once this step is reached (the schedule still spans steps)
 
-    mesh = config.mesh = ml_collections.ConfigDict()  # data x fsdp x tensor must be the device count
+    mesh = config.mesh = ml_collections.ConfigDict()  # data x fsdp x expert x tensor must be the device count
     mesh.data = 1  # pure data parallelism (replicated parameters)
     mesh.fsdp = -1  # fully sharded data parallelism; -1 takes the devices the others leave
+    mesh.expert = 1  # expert parallelism: routed experts split over it (it must divide moe.n_experts); data-parallel elsewhere
     mesh.tensor = 1  # tensor parallelism over heads, MLP width and vocabulary
     mesh.max_replicated = 0.02  # with fsdp > 1, fail if more than this share of parameter bytes is replicated
 

@@ -13,7 +13,10 @@ from flax import nnx
 
 from mhc_jax import residual, sharding
 from mhc_jax.errors import UserError
-from mhc_jax.layers import Attention, Embedding, LayerCache, RMSNorm, SwiGLU, normal, param
+from mhc_jax.attention import KINDS as ATTENTION_KINDS
+from mhc_jax.attention import LayerCache, cache_shapes, make_attention
+from mhc_jax.layers import Embedding, RMSNorm, SwiGLU, normal, param
+from mhc_jax.moe import MoE, RouterStats
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 REMAT_POLICIES = {
@@ -41,93 +44,129 @@ def rms(x: jax.Array) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """Attention, then MLP, each one residual site on the [B, T, n, C] stream."""
+    """Attention, then the FFN (a dense SwiGLU, or DeepSeekMoE when `moe`), each one residual site
+    on the [B, T, n, C] stream."""
 
-    def __init__(self, cfg, layer, rngs: nnx.Rngs):
+    def __init__(self, cfg, layer, moe: bool, rngs: nnx.Rngs):
         out_std = residual.out_proj_scale(cfg) / (2 * cfg.n_layers) ** 0.5
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, out_std, rngs)
+        self.attn = make_attention(cfg, out_std, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, out_std, rngs)
+        self.mlp = MoE(cfg, out_std, rngs) if moe else SwiGLU(cfg.d_model, cfg.d_ff, out_std, rngs)
         # The sites draw their random numbers last, so that for one seed every variant starts
         # from the same attention and MLP weights: variants differ only in the residual connection.
         self.attn_site = residual.make_site(cfg, 2 * layer, rngs)
         self.mlp_site = residual.make_site(cfg, 2 * layer + 1, rngs)
 
-    def __call__(self, x_BTNC: jax.Array) -> tuple[jax.Array, Trace]:
+    def ffn(self, u_BTC, router_stats: list):
+        """The FFN branch; an MoE's router statistics go to `router_stats`."""
+        y_BTC = self.mlp(self.mlp_norm(u_BTC))
+        if isinstance(self.mlp, MoE):
+            y_BTC, stats = y_BTC
+            router_stats.append(stats)
+        return y_BTC
+
+    def __call__(self, x_BTNC: jax.Array) -> tuple[jax.Array, Trace, "RouterStats | None"]:
+        router_stats = []
         attn_in_rms = rms(x_BTNC)
         x_BTNC, attn_maps = self.attn_site(x_BTNC, lambda u: self.attn(self.attn_norm(u)))
         mlp_in_rms = rms(x_BTNC)
-        x_BTNC, mlp_maps = self.mlp_site(x_BTNC, lambda u: self.mlp(self.mlp_norm(u)))
+        x_BTNC, mlp_maps = self.mlp_site(x_BTNC, lambda u: self.ffn(u, router_stats))
         stacked = jax.tree.map(lambda a, b: jnp.stack([a, b]), Trace(attn_maps, attn_in_rms), Trace(mlp_maps, mlp_in_rms))
-        return x_BTNC, stacked
+        return x_BTNC, stacked, (router_stats[0] if router_stats else None)
 
-    def decode(self, x_BTNC: jax.Array, kv: LayerCache) -> tuple[jax.Array, LayerCache]:
-        """The same block for new tokens of a decoding batch; attention reads and extends `kv`."""
+    def decode(self, x_BTNC: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+        """The same block for new tokens of a decoding batch; attention reads and extends `cache`."""
         written = []
 
         def attend(u_BTC):
-            y_BTC, new_kv = self.attn.decode(self.attn_norm(u_BTC), kv)
-            written.append(new_kv)
+            y_BTC, new_cache = self.attn.decode(self.attn_norm(u_BTC), cache)
+            written.append(new_cache)
             return y_BTC
 
         x_BTNC, _ = self.attn_site(x_BTNC, attend)
-        x_BTNC, _ = self.mlp_site(x_BTNC, lambda u: self.mlp(self.mlp_norm(u)))
+        x_BTNC, _ = self.mlp_site(x_BTNC, lambda u: self.ffn(u, []))
         return x_BTNC, written[0]
 
 
-def stacked_blocks(cfg, rngs: nnx.Rngs) -> Block:
-    """n_layers Blocks with their parameters stacked on a leading `layers` axis."""
+def stacked_blocks(cfg, first_layer: int, count: int, moe: bool, rngs: nnx.Rngs) -> Block | None:
+    """Blocks first_layer .. first_layer + count - 1, their parameters stacked on a leading `layers` axis."""
+    if count == 0:
+        return None
 
-    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs, layer):
-        return Block(cfg, layer, rngs)
+        return Block(cfg, layer, moe, rngs)
 
-    return make(rngs, jnp.arange(cfg.n_layers))
+    return make(rngs, first_layer + jnp.arange(count))
+
+
+def dense_layer_count(cfg) -> int:
+    """Leading layers with a dense FFN: all of them in a dense model."""
+    return cfg.moe.first_dense_layers if cfg.moe.n_experts else cfg.n_layers
 
 
 class DecodeCache(NamedTuple):
-    """Every layer's keys and values for batched decoding (see layers.LayerCache)."""
-    k_LBSKD: jax.Array
-    v_LBSKD: jax.Array
+    """Every layer's attention cache for batched decoding (see attention.LayerCache): per stack of
+    blocks (dense, MoE), the entries stacked per layer [L, B, S, ...]."""
+    stacks: tuple
     start_B: jax.Array
     index: jax.Array
 
 
 class Transformer(nnx.Module):
+    """The leading dense blocks (`blocks`) and the MoE blocks (`moe_blocks`) are two scanned stacks;
+    a dense model has only the first."""
+
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.n_streams = cfg.n_streams
-        self.cache_shape = (cfg.n_layers, cfg.n_kv_heads, cfg.d_model // cfg.n_heads)  # L, K, D
+        self.cache_shapes = cache_shapes(cfg)
         self.dtype = compute_dtype(cfg.dtype)
         self.scan_layers = cfg.scan_layers
         self.remat_policy = cfg.remat
         self.embed = Embedding(cfg, rngs)
-        self.blocks = stacked_blocks(cfg, rngs)
+        n_dense = dense_layer_count(cfg)
+        self.blocks = stacked_blocks(cfg, 0, n_dense, False, rngs)
+        self.moe_blocks = stacked_blocks(cfg, n_dense, cfg.n_layers - n_dense, True, rngs)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else param(
             normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5), ("embed", "vocab"))
 
     def __call__(self, tokens_BT: jax.Array, *, return_trace: bool = False, cache: "DecodeCache | None" = None):
         """Logits [B, T, V] in float32; with `return_trace`, also the Trace of all 2L sites stacked
-        in order (site 2l is block l's attention, 2l + 1 its MLP): maps [2L, B, T, ...], rms [2L].
+        in order (site 2l is block l's attention, 2l + 1 its FFN): maps [2L, B, T, ...], rms [2L].
         With `cache`, the tokens continue the cached ones (from slot cache.index on) and the call
         returns (logits, the extended cache)."""
-        x_BTNC = residual.expand(self.embed(tokens_BT, self.dtype), self.n_streams)
-        x_BTNC, per_layer = self.run_blocks(x_BTNC, return_trace, cache)
-        logits_BTV = self.logits(x_BTNC)
+        logits_BTV, trace, _, stacks = self.forward(tokens_BT, return_trace, cache)
         if cache is not None:
-            k_LBSKD, v_LBSKD = per_layer
-            return logits_BTV, DecodeCache(k_LBSKD, v_LBSKD, cache.start_B, cache.index + tokens_BT.shape[1])
-        if not return_trace:
-            return logits_BTV
-        return logits_BTV, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), per_layer)
+            return logits_BTV, DecodeCache(stacks, cache.start_B, cache.index + tokens_BT.shape[1])
+        return (logits_BTV, trace) if return_trace else logits_BTV
+
+    def logits_and_router_stats(self, tokens_BT: jax.Array):
+        """Logits and the MoE layers' RouterStats stacked per layer ([L_moe, E], ...), or None."""
+        logits_BTV, _, router_stats, _ = self.forward(tokens_BT, False, None)
+        return logits_BTV, router_stats
+
+    def forward(self, tokens_BT, return_trace: bool, cache: "DecodeCache | None"):
+        x_BTNC = residual.expand(self.embed(tokens_BT, self.dtype), self.n_streams)
+        traces, router_stats, stacks = [], None, []
+        for index, blocks in enumerate(b for b in (self.blocks, self.moe_blocks) if b is not None):
+            layer_cache = None if cache is None else (cache.stacks[index], cache.start_B, cache.index)
+            x_BTNC, (trace, stats, entries) = self.run_stack(blocks, x_BTNC, return_trace, layer_cache)
+            traces.append(trace)
+            router_stats = stats if stats is not None else router_stats
+            stacks.append(entries)
+        trace = jax.tree.map(lambda *a: jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in a]), *traces) \
+            if return_trace else None
+        return self.logits(x_BTNC), trace, router_stats, tuple(stacks)
 
     def init_cache(self, start_B: jax.Array, slots: int) -> DecodeCache:
         """An empty cache of `slots` positions for rows whose real tokens start at `start_B`."""
-        L, K, D = self.cache_shape
-        zeros = jnp.zeros((L, start_B.shape[0], slots, K, D), self.dtype)
-        return DecodeCache(zeros, zeros, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+        stacks = tuple(tuple(jnp.zeros((jax.tree.leaves(blocks)[0].shape[0], start_B.shape[0], slots, *shape),
+                                       self.dtype) for shape in self.cache_shapes)
+                       for blocks in (self.blocks, self.moe_blocks) if blocks is not None)
+        return DecodeCache(stacks, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
 
     def logits(self, x_BTNC: jax.Array) -> jax.Array:
         h_BTC = self.final_norm(residual.reduce(x_BTNC))
@@ -137,63 +176,103 @@ class Transformer(nnx.Module):
             logits_BTV = h_BTC @ self.unembed[...].astype(h_BTC.dtype)
         return logits_BTV.astype(jnp.float32)
 
-    def run_blocks(self, x_BTNC, return_trace: bool, cache: "DecodeCache | None"):
-        """Every block in turn; also returns, stacked per layer, the traces (return_trace), the
-        extended keys and values (cache), or None."""
-        graphdef, stacked_state = nnx.split(self.blocks)
+    def run_stack(self, blocks: Block, x_BTNC, return_trace: bool, layer_cache):
+        """Every block of a stack in turn; also returns, stacked per layer, (the traces if
+        return_trace, the router statistics of MoE blocks, the extended cache entries if decoding)."""
+        graphdef, stacked_state = nnx.split(blocks)
 
         def body(x_BTNC, layer):
-            layer_state, layer_kv = layer
+            layer_state, entries = layer
             x_BTNC = sharding.constrain(x_BTNC, ("batch", None, None, None))
             block = nnx.merge(graphdef, layer_state)
-            if layer_kv is not None:
-                x_BTNC, written = block.decode(x_BTNC, LayerCache(*layer_kv, cache.start_B, cache.index))
-                return x_BTNC, (written.k_BSKD, written.v_BSKD)
-            x_BTNC, trace = block(x_BTNC)
-            return x_BTNC, (trace if return_trace else None)
+            if entries is not None:
+                x_BTNC, written = block.decode(x_BTNC, LayerCache(entries, *layer_cache[1:]))
+                return x_BTNC, (None, None, written.entries)
+            x_BTNC, trace, stats = block(x_BTNC)
+            return x_BTNC, (trace if return_trace else None, stats, None)
 
-        policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan_layers)
-        layers = (stacked_state, None if cache is None else (cache.k_LBSKD, cache.v_LBSKD))
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
+        layers = (stacked_state, None if layer_cache is None else layer_cache[0])
         if self.scan_layers:
             return jax.lax.scan(body, x_BTNC, layers)
         per_layer = []
-        n_layers = jax.tree.leaves(stacked_state)[0].shape[0]
-        for layer in range(n_layers):
+        for layer in range(jax.tree.leaves(stacked_state)[0].shape[0]):
             x_BTNC, out = body(x_BTNC, jax.tree.map(lambda a: a[layer], layers))
             per_layer.append(out)
         return x_BTNC, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
 
 def abstract_model(cfg, mesh):
-    """The model's graphdef, its abstract parameters (nnx.State, with the Variables' metadata) and
-    the same as a pure dict of ShapeDtypeStructs that carry the mesh's shardings."""
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))), nnx.Param)
-    shardings = sharding.param_shardings(abstract_params, mesh)
+    """The model's graphdef, its abstract variables (nnx.State with the Variables' metadata:
+    parameters, and the MoE router bias) and the same as a pure dict of ShapeDtypeStructs that
+    carry the mesh's shardings."""
+    graphdef, abstract_variables = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    shardings = sharding.param_shardings(abstract_variables, mesh)
     sharded = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
-                           nnx.to_pure_dict(abstract_params), shardings)
-    return graphdef, abstract_params, sharded
+                           nnx.to_pure_dict(abstract_variables), shardings)
+    return graphdef, abstract_variables, sharded
+
+
+ROUTED_EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def router_bias(variables: dict) -> jax.Array:
+    """The MoE blocks' router bias [L_moe, E] in the model's variables (a pure dict)."""
+    return variables["moe_blocks"]["mlp"]["router_bias"]
+
+
+def with_router_bias(variables: dict, bias_LE: jax.Array) -> dict:
+    moe_blocks = {**variables["moe_blocks"], "mlp": {**variables["moe_blocks"]["mlp"], "router_bias": bias_LE}}
+    return {**variables, "moe_blocks": moe_blocks}
 
 
 def param_counts(cfg) -> dict:
-    """Parameter counts by role, from shapes alone (`nnx.eval_shape`: nothing is allocated)."""
+    """Parameter counts by role, from shapes alone (`nnx.eval_shape`: nothing is allocated).
+
+    `active` counts what one token's forward pass multiplies by: everything but the input embedding
+    lookup (a tied table counts once, as the head) and, in MoE layers, only top_k of the n_experts
+    routed experts (the router and the shared experts in full)."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
     counts = dict(total=0, embedding=0, non_embedding=0, active=0, residual_overhead=0)
+    routed_share = cfg.moe.top_k / cfg.moe.n_experts if cfg.moe.n_experts else 1.0
     for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         size = variable.size
         counts["total"] += size
         counts["embedding" if path[0] in ("embed", "unembed") else "non_embedding"] += size
         counts["residual_overhead"] += size if path[1:2] in (("attn_site",), ("mlp_site",)) else 0
-    counts["active"] = counts["total"]  # dense: every parameter takes part in every token
+        if path[0] == "moe_blocks" and path[1] == "mlp" and path[2] in ROUTED_EXPERT_WEIGHTS:  # not "shared"
+            counts["active"] += round(size * routed_share)
+        elif not (path[0] == "embed" and not cfg.tie_embeddings):
+            counts["active"] += size
     return counts
 
 
 def check_config(cfg) -> None:
     """Raises UserError naming the first field of the model config that cannot work."""
-    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
         if cfg[field] < 1:
             raise UserError(f"model.{field}: must be >= 1, got {cfg[field]}")
+    if cfg.attention not in ATTENTION_KINDS:
+        raise UserError(f"model.attention: unknown {cfg.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+    if cfg.attention == "mha":
+        check_multi_head(cfg)
+    else:
+        check_latent(cfg.mla)
+    if cfg.moe.n_experts:
+        check_moe(cfg.moe, cfg.n_layers)
+    elif cfg.moe.n_experts < 0:
+        raise UserError(f"model.moe.n_experts: must be >= 0 (0: a dense model), got {cfg.moe.n_experts}")
+    if cfg.remat not in REMAT_POLICIES:
+        raise UserError(f"model.remat: unknown {cfg.remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"model.dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
+    residual.check_config(cfg)
+
+
+def check_multi_head(cfg) -> None:
+    if cfg.n_kv_heads < 1:
+        raise UserError(f"model.n_kv_heads: must be >= 1, got {cfg.n_kv_heads}")
     if cfg.d_model % cfg.n_heads:
         raise UserError(f"model.d_model: {cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
     if (cfg.d_model // cfg.n_heads) % 2:
@@ -201,8 +280,26 @@ def check_config(cfg) -> None:
                         "must be even for RoPE")
     if cfg.n_heads % cfg.n_kv_heads:
         raise UserError(f"model.n_kv_heads: {cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}")
-    if cfg.remat not in REMAT_POLICIES:
-        raise UserError(f"model.remat: unknown {cfg.remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"model.dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    residual.check_config(cfg)
+
+
+def check_latent(mla) -> None:
+    for field in ("kv_rank", "head_dim", "rope_dim"):
+        if mla[field] < 1:
+            raise UserError(f"model.mla.{field}: must be >= 1, got {mla[field]}")
+    if mla.rope_dim % 2:
+        raise UserError(f"model.mla.rope_dim: {mla.rope_dim} must be even for RoPE")
+
+
+def check_moe(moe, n_layers: int) -> None:
+    if not 1 <= moe.top_k <= moe.n_experts:
+        raise UserError(f"model.moe.top_k: {moe.top_k} must be between 1 and model.moe.n_experts={moe.n_experts}")
+    if moe.d_expert < 1:
+        raise UserError(f"model.moe.d_expert: must be >= 1, got {moe.d_expert}")
+    if moe.n_shared < 0:
+        raise UserError(f"model.moe.n_shared: must be >= 0, got {moe.n_shared}")
+    if not 0 <= moe.first_dense_layers < n_layers:
+        raise UserError(f"model.moe.first_dense_layers: {moe.first_dense_layers} must be between 0 and "
+                        f"model.n_layers - 1 = {n_layers - 1} (0 and n_experts = 0 for a dense model)")
+    if moe.bias_update_rate < 0 or moe.balance_loss_weight < 0:
+        raise UserError(f"model.moe: bias_update_rate ({moe.bias_update_rate}) and balance_loss_weight "
+                        f"({moe.balance_loss_weight}) must be >= 0")

@@ -2,7 +2,9 @@
 
 Parameters name their axes logically (layers.py); RULES maps each name to the mesh axes that
 split it. FSDP splits every weight along its model width (`embed`), tensor parallelism splits
-heads, MLP width and vocabulary, and activations split the batch over `data` x `fsdp`. A
+heads, MLP width and vocabulary, expert parallelism splits the routed experts, and activations
+split the batch over `data` x `fsdp` x `expert` (outside the experts the expert axis is one more
+data-parallel axis; inside them, moe.py's dispatch moves tokens to their experts' devices). A
 dimension that a mesh axis does not divide is left whole (`spec_for`); the trainer then checks
 that almost nothing ended up replicated (`replicated_fraction`).
 """
@@ -16,9 +18,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mhc_jax.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 RULES = {
-    "batch": ("data", "fsdp"),  # activations: the batch over every data-parallel axis
+    "batch": ("data", "fsdp", "expert"),  # activations: the batch over every data-parallel axis
+    "expert_batch": ("data", "fsdp"),  # ... and tokens dispatched to experts, which take the expert axis
+    "experts": "expert",  # routed experts (their weights and their dispatched tokens)
+    "kv_latent": "fsdp",  # MLA's compressed KV latent (in W_kv_b, whose other axes are not FSDP's)
     "embed": "fsdp",  # parameters: FSDP splits the model width ...
     "stream_embed": "fsdp",  # ... and mHC's flattened n * C coefficient input
     "vocab": "tensor",
@@ -35,7 +40,7 @@ RULES = {
 
 
 def make_mesh(mesh_config) -> Mesh:
-    """The (data, fsdp, tensor) mesh over all devices; one size may be -1 to take what is left."""
+    """The (data, fsdp, expert, tensor) mesh over all devices; one size may be -1 to take what is left."""
     sizes = [mesh_config[axis] for axis in MESH_AXES]
     devices = jax.device_count()
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -47,7 +52,7 @@ def make_mesh(mesh_config) -> Mesh:
                             f"{dict(zip(MESH_AXES, sizes))}")
         sizes[sizes.index(-1)] = devices // known
     if math.prod(sizes) != devices:
-        raise UserError(f"mesh: data x fsdp x tensor = {' x '.join(map(str, sizes))} = {math.prod(sizes)}, "
+        raise UserError(f"mesh: {' x '.join(MESH_AXES)} = {' x '.join(map(str, sizes))} = {math.prod(sizes)}, "
                         f"but there are {devices} devices; make the product {devices} (one size may be -1)")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

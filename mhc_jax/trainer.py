@@ -20,10 +20,10 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mhc_jax import checkpoint, data, diagnostics, optim, plots, prepare, residual, sharding
+from mhc_jax import checkpoint, data, diagnostics, moe, optim, plots, prepare, residual, sharding
 from mhc_jax import logging as runlog
 from mhc_jax.errors import UserError
-from mhc_jax.model import Transformer, abstract_model
+from mhc_jax.model import Transformer, abstract_model, router_bias, with_router_bias
 
 DEFAULT_DATA_DIR = "data/default"  # prepared with the default recipe when it is missing
 COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers")  # model fields a resumed run may change
@@ -64,33 +64,54 @@ class Experiment:
 
     def loss(self, params, tokens_BS):
         """Mean next-token cross-entropy of each sequence [B]; tokens are [B, seq_len + 1]."""
-        logits_BTV = self.apply(params, tokens_BS[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BS[:, 1:]).mean(axis=-1)
+        return self.loss_and_router_stats(params, tokens_BS)[0]
+
+    def loss_and_router_stats(self, params, tokens_BS):
+        """The per-sequence losses and the MoE layers' RouterStats (None for a dense model)."""
+        logits_BTV, router_stats = nnx.merge(self.graphdef, params).logits_and_router_stats(tokens_BS[:, :-1])
+        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BS[:, 1:]).mean(axis=-1)
+        return losses_B, router_stats
 
     def _init_state(self):
         model = Transformer(self.config.model, nnx.Rngs(self.config.train.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(model))  # the parameters, and an MoE model's router bias
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": self.optimizer.init(params)}
 
     def _train_step(self, state, tokens_BS):
-        """One AdamW update on a global batch, accumulated over `train.microbatches` parts."""
+        """One AdamW update on a global batch, accumulated over `train.microbatches` parts; in an MoE
+        model, then the router bias's balancing update from the load over the whole batch (the
+        bias's gradient is zero, it only selects experts, and the step overwrites it)."""
         parts = self.config.train.microbatches
+        balance_weight = self.config.model.moe.balance_loss_weight
         # Microbatch m takes rows m, m + parts, ...: each device keeps its rows in every part.
         tokens_MBS = tokens_BS.reshape(-1, parts, tokens_BS.shape[-1]).swapaxes(0, 1)
 
+        def objective(params, tokens):
+            losses_B, router_stats = self.loss_and_router_stats(params, tokens)
+            balance = 0.0 if router_stats is None else router_stats.balance_loss.sum()
+            return losses_B.mean() + balance_weight * balance, (losses_B.mean(), router_stats)
+
         def accumulate(totals, tokens):
             tokens = sharding.constrain(tokens, ("batch", None))
-            loss, grads = jax.value_and_grad(lambda p: self.loss(p, tokens).mean())(state["params"])
-            return jax.tree.map(jnp.add, totals, (loss, grads)), None
+            (_, (loss, router_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], tokens)
+            return jax.tree.map(jnp.add, totals, (loss, grads, router_stats)), None
 
-        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, tokens_MBS)
+        _, (_, stats_shape) = jax.eval_shape(objective, state["params"], tokens_MBS[0])
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (jnp.zeros(()), state["params"], stats_shape))
+        (loss, grads, router_stats), _ = jax.lax.scan(accumulate, zeros, tokens_MBS)
         loss, grads = jax.tree.map(lambda x: x / parts, (loss, grads))
         updates, opt = self.optimizer.update(grads, state["opt"], state["params"])
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates), "opt": opt}
+        params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": optim.learning_rate(state["step"], self.config.train)}
-        return new_state, metrics
+        if router_stats is not None:
+            bias_LE = moe.balance_router_bias(router_bias(state["params"]), router_stats.load,
+                                              self.config.model.moe.bias_update_rate)
+            params = with_router_bias(params, bias_LE)
+            metrics.update(moe.load_metrics(router_stats.load, bias_LE, router_stats.dropped))
+            if balance_weight:
+                metrics["balance_loss"] = router_stats.balance_loss.sum() / parts
+        return {"step": state["step"] + 1, "params": params, "opt": opt}, metrics
 
     def _eval_step(self, params, tokens_BS, weight_B):
         return jnp.sum(self.loss(params, tokens_BS) * weight_B), jnp.sum(weight_B)
@@ -140,13 +161,18 @@ def open_data(config, vocab_overridden: bool) -> dict:
     return manifest
 
 
-def check_batch(config, mesh) -> None:
-    t, parallel = config.train, mesh.shape["data"] * mesh.shape["fsdp"]
+def check_mesh(config, mesh) -> None:
+    """The batch must split over the data-parallel axes, the routed experts over the expert axis."""
+    t, parallel = config.train, mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    n_experts = config.model.moe.n_experts
+    if n_experts and n_experts % mesh.shape["expert"]:
+        raise UserError(f"mesh.expert: {mesh.shape['expert']} does not divide model.moe.n_experts={n_experts}; "
+                        f"use an expert axis that divides it")
     if t.microbatches < 1 or t.batch_size % t.microbatches:
         raise UserError(f"train.microbatches: {t.microbatches} does not divide train.batch_size={t.batch_size}")
     if (t.batch_size // t.microbatches) % parallel:
         raise UserError(f"train.batch_size: {t.batch_size} sequences in {t.microbatches} microbatch(es) do not "
-                        f"split over data x fsdp = {parallel} devices; make batch_size / microbatches a multiple "
+                        f"split over data x fsdp x expert = {parallel} devices; make batch_size / microbatches a multiple "
                         f"of {parallel}")
 
 
@@ -199,7 +225,7 @@ def train(config, workdir: str | Path, vocab_overridden: bool = False) -> None:
     workdir = Path(workdir)
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
-    check_batch(config, mesh)
+    check_mesh(config, mesh)
     manifest = open_data(config, vocab_overridden)
     experiment = Experiment(config, mesh)
     if mesh.shape["fsdp"] > 1 and experiment.replicated_fraction > config.mesh.max_replicated:

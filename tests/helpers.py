@@ -34,7 +34,7 @@ def random_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int =
 
 def loss_and_grads(model: Transformer, tokens_BT: jax.Array):
     """Next-token cross-entropy and its gradients with respect to every parameter."""
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(model)
 
     def loss_fn(params):
         logits_BTV = nnx.merge(graphdef, params)(tokens_BT[:, :-1])

@@ -12,10 +12,31 @@ from mhc_jax.model import param_counts
 
 @pytest.mark.parametrize("scale, target", [("10m", 10e6), ("100m", 100e6), ("1b", 1e9)])
 def test_scale_names_are_non_embedding_parameter_counts(scale, target):
-    counts = param_counts(get_config(f"residual,{scale}").model)
+    cfg = get_config(f"residual,{scale}").model
+    counts = param_counts(cfg)
     assert abs(counts["non_embedding"] / target - 1) <= 0.10, counts
-    assert counts["total"] == counts["embedding"] + counts["non_embedding"] == counts["active"]
+    assert counts["total"] == counts["embedding"] + counts["non_embedding"]
+    input_table = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model  # a lookup, not a matmul
+    assert counts["active"] == counts["total"] - input_table
     assert counts["residual_overhead"] == 0
+
+
+TABLE_5 = {"3b": (2.97e9, 612e6), "9b": (9.18e9, 1.66e9), "27b": (27.0e9, 4.14e9)}  # total, active
+
+
+@pytest.mark.parametrize("scale", TABLE_5)
+def test_paper_scales_have_the_parameter_counts_of_table_5(scale):
+    """Shapes only (nothing allocated). Active = total minus the input embedding lookup and the
+    routed experts a token does not use: (n_experts - top_k) SwiGLUs of 3 d F per MoE layer."""
+    total, active = TABLE_5[scale]
+    for variant in ("residual", "hc_static", "hc", "mhc"):
+        cfg = get_config(f"{variant},{scale}").model
+        counts = param_counts(cfg)
+        assert abs(counts["total"] / total - 1) <= 0.01, (variant, counts)
+        assert abs(counts["active"] / active - 1) <= 0.01, (variant, counts)
+        moe, moe_layers = cfg.moe, cfg.n_layers - cfg.moe.first_dense_layers
+        unused = moe_layers * (moe.n_experts - moe.top_k) * 3 * cfg.d_model * moe.d_expert
+        assert counts["total"] - counts["active"] == cfg.vocab_size * cfg.d_model + unused
 
 
 @pytest.mark.parametrize("scale", ["debug", "10m", "1b"])
@@ -38,7 +59,7 @@ def test_residual_overheads_follow_the_papers_formulas(scale):
 
 def test_every_config_field_is_documented_next_to_its_default():
     source = (Path(__file__).parents[1] / "configs" / "pretrain.py").read_text()
-    assignments = [line for line in source.splitlines() if re.match(r"\s+(m|hc|mhc|t|mesh|log|config)(\.\w+)+ = ", line)]
+    assignments = [line for line in source.splitlines() if re.match(r"\s+(m|mla|moe|hc|mhc|t|mesh|log|config)(\.\w+)+ = ", line)]
     assert len(assignments) >= 55
     undocumented = [line.strip() for line in assignments if "#" not in line]
     assert not undocumented, undocumented

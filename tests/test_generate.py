@@ -19,7 +19,7 @@ def tokenizer():
 
 
 def generator(model, tokenizer, batch_size=4):
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params = nnx.split(model)
     return Generator(graphdef, nnx.to_pure_dict(params), tokenizer, batch_size=batch_size, max_length=256)
 
 

@@ -186,7 +186,7 @@ def test_blocks_carry_all_streams(variant):
     graphdef, stacked = nnx.split(model.blocks)
     block = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], stacked))
     x = random_streams()
-    out, trace = block(x)
+    out, trace, _ = block(x)
     assert out.shape == x.shape == (B, T, 4, 64)
     assert trace.maps.res.shape == (2, B, T, 4, 4)
     assert float(jnp.abs(out[:, :, 0] - out[:, :, 1]).min()) > 0

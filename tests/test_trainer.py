@@ -121,7 +121,7 @@ def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):
                                        "train.checkpoint_every": 5})
     manifest = trainer.open_data(config, vocab_overridden=False)
     mesh = jax.make_mesh(mesh_sizes, sharding.MESH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
     experiment = trainer.Experiment(config, mesh)
     batches = data.train_batches(data_dir, manifest, seq_len=64, global_batch_size=8, seed=0)
     step, state, _ = checkpoint.Checkpoints(workdir, keep=3).restore_latest(
@@ -139,7 +139,7 @@ def test_checkpoints_restore_onto_other_meshes(straight_run, default_data, tmp_p
     assert result.returncode == 0, result.stderr
     logged = records(saved_on)[-1]["eval_loss"]
     np.testing.assert_allclose([l for _, l in losses(saved_on)], [l for _, l in losses(straight_run)], rtol=1e-5)
-    for sizes, devices in (((1, 8, 1), jax.devices()), ((1, 1, 1), jax.devices()[:1])):
+    for sizes, devices in (((1, 8, 1, 1), jax.devices()), ((1, 1, 1, 1), jax.devices()[:1])):
         assert restored_eval_loss(saved_on, default_data, sizes, devices) == pytest.approx(logged, abs=1e-6)
 
 
@@ -179,7 +179,7 @@ def test_bad_inputs(straight_run, default_data, tmp_path):
     assert_user_error(run_train(tmp_path / "a", "--config.mesh.data=3", "--config.mesh.fsdp=2",
                                 data_dir=default_data), "mesh:", "there are 8 devices")
     assert_user_error(run_train(tmp_path / "a", "--config.train.batch_size=12", data_dir=default_data),
-                      "train.batch_size: 12", "data x fsdp = 8")
+                      "train.batch_size: 12", "data x fsdp x expert = 8")
     assert_user_error(run_train(tmp_path / "a", data_dir=tmp_path / "nowhere"),
                       "no manifest.json", "prepare_data.py")
     assert_user_error(run_train(straight_run, *STRAIGHT, variant="mhc", data_dir=default_data),
@@ -218,7 +218,7 @@ def test_weight_decay_skips_norms_gates_and_static_coefficients():
 
 
 def test_fsdp_leaves_almost_nothing_replicated(monkeypatch):
-    mesh = jax.make_mesh((1, 8, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((1, 8, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     config = get_config("mhc,10m")
     assert trainer.Experiment(config, mesh).replicated_fraction < 0.02
     monkeypatch.setitem(sharding.RULES, "embed", None)
@@ -226,8 +226,8 @@ def test_fsdp_leaves_almost_nothing_replicated(monkeypatch):
 
 
 def test_microbatches_accumulate_to_the_full_batch_update():
-    mesh = jax.make_mesh((1, 4, 1), sharding.MESH_AXES, devices=jax.devices()[:4],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((1, 4, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
     tokens = np.random.default_rng(0).integers(0, 512, (8, 33), dtype=np.int32)
     results = []
     for parts in (1, 2):
@@ -244,8 +244,8 @@ def test_microbatches_accumulate_to_the_full_batch_update():
 
 
 def test_an_unreadable_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
-    mesh = jax.make_mesh((1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
     experiment = trainer.Experiment(get_config("residual,debug"), mesh)
     iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
     checkpoints = checkpoint.Checkpoints(tmp_path, keep=3)

@@ -65,9 +65,10 @@ class LanguageModel:
             raise UserError(f"--step: {workdir}/checkpoints has no step {self.step}; it has {sorted(steps)}")
         meta = checkpoints.read_meta(self.step)
         self.config = ml_collections.ConfigDict(meta["config"])
+        self.config.model.moe.capacity_factor = 0.0  # evaluation never drops a token from its experts
         self.tokenizer = load_workdir_tokenizer(workdir, meta)
         self.tokenizer_sha256 = meta["tokenizer_sha256"]
-        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1}))
+        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
         self.graphdef, _, abstract_params = abstract_model(self.config.model, mesh)
         self.params = checkpoints.restore_params(self.step, abstract_params)
         checkpoints.close()
