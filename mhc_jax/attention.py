@@ -137,7 +137,9 @@ class LatentAttention(nnx.Module):
         q_latent_BTHr = jnp.einsum("bthd,rhd->bthr", q_nope_BTHD, w_k_rHD)
         scores_BHTS = (jnp.einsum("bthr,bsr->bhts", q_latent_BTHr, latent_BSr)
                        + jnp.einsum("bthe,bse->bhts", q_rope_BTHR, k_rope_BSR)) * (D + self.rope_dim) ** -0.5
-        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), -jnp.inf)
+        # A finite floor, not -inf: a padding slot attends to nothing, and must stay finite (no NaN)
+        # because later layers read its cached latent with weight 0.
+        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_BTC.dtype)
         o_latent_BTHr = jnp.einsum("bhts,bsr->bthr", weights_BHTS, latent_BSr)
         return self.output(jnp.einsum("bthr,rhd->bthd", o_latent_BTHr, w_v_rHD)), cache

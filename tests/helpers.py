@@ -17,15 +17,16 @@ from mhc_jax import prepare
 from mhc_jax.model import Transformer
 
 
-def debug_model_config(variant: str, overrides: dict | None = None):
-    """The debug-scale model config of `variant`, with dotted overrides like {'mhc.alpha_init': 0.0}."""
-    cfg = get_config(f"{variant},debug").model
+def debug_model_config(variant: str, overrides: dict | None = None, scale: str = "debug"):
+    """The debug-scale (or `scale`) model config of `variant`, with dotted overrides like
+    {'mhc.alpha_init': 0.0}."""
+    cfg = get_config(f"{variant},{scale}").model
     cfg.update_from_flattened_dict(overrides or {})
     return cfg
 
 
-def make_model(variant: str, overrides: dict | None = None, seed: int = 0) -> Transformer:
-    return Transformer(debug_model_config(variant, overrides), nnx.Rngs(seed))
+def make_model(variant: str, overrides: dict | None = None, seed: int = 0, scale: str = "debug") -> Transformer:
+    return Transformer(debug_model_config(variant, overrides, scale), nnx.Rngs(seed))
 
 
 def random_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 1) -> jax.Array:

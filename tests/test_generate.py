@@ -1,4 +1,5 @@
-"""KV-cache decoding against step-by-step full recomputation, for every variant."""
+"""KV-cache decoding against step-by-step full recomputation, for every variant, with ordinary
+attention (debug) and with MLA + MoE (moe_debug, whose cache holds only the latent and RoPE key)."""
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,17 @@ def test_cached_decoding_repeats_full_recomputation(variant, tokenizer):
     outputs = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=12)
     assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
     assert all(outputs)
+
+
+def test_latent_attention_decoding_repeats_full_recomputation(variant, tokenizer):
+    model = make_model(variant, {"vocab_size": 400, "moe.capacity_factor": 0.0}, scale="moe_debug")
+    decode = generator(model, tokenizer)
+    outputs = decode.generate(PROMPTS, until=[], max_new_tokens=12)
+    assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
+    assert all(outputs)
+    cache = model.init_cache(jnp.zeros((2,), jnp.int32), slots=32)
+    assert [tuple(a.shape) for stack in cache.stacks for a in stack] == [
+        (1, 2, 32, 32), (1, 2, 32, 8), (2, 2, 32, 32), (2, 2, 32, 8)]  # [layers, B, slots, kv_rank | rope_dim]
 
 
 def test_batches_of_any_size_give_the_same_text(tokenizer):
