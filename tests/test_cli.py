@@ -17,6 +17,13 @@ def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def test_count_params_of_the_paper_scales_is_table_5():
+    result = run_script("scripts/count_params.py", "--config=configs/pretrain.py:mhc,27b")
+    assert result.returncode == 0, result.stderr
+    counts = json.loads(result.stdout)
+    assert abs(counts["total"] / 27.0e9 - 1) < 0.01 and abs(counts["active"] / 4.14e9 - 1) < 0.01
+
+
 def test_count_params_prints_one_json_object():
     result = run_script("scripts/count_params.py", "--config=configs/pretrain.py:mhc,1b")
     assert result.returncode == 0, result.stderr
@@ -34,6 +41,12 @@ def test_count_params_prints_one_json_object():
     (["--config=configs/pretrain.py:mhc,debug", "--config.model.no_such_field=1"], "--config.model.no_such_field"),
     (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_layers=two"], "--config.model.n_layers"),
     (["--config=configs/missing.py:mhc,debug"], "configs/missing.py"),
+    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.moe.top_k=9"], "model.moe.top_k: 9"),
+    (["--config=configs/pretrain.py:mhc,27b", "--config.model.moe.first_dense_layers=30"],
+     "model.moe.first_dense_layers"),
+    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.mla.rope_dim=7"], "model.mla.rope_dim: 7"),
+    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.mla.kv_rank=0"], "model.mla.kv_rank"),
+    (["--config=configs/pretrain.py:hc,debug", "--config.model.attention=gqa"], "model.attention: unknown 'gqa'"),
 ])
 def test_bad_input_is_one_line_naming_the_field(args, field):
     result = run_script("scripts/count_params.py", *args)

@@ -24,9 +24,10 @@ ROOT = Path(__file__).parents[1]
 QUIET = ["--config.log.progress=False"]
 
 
-def run_train(workdir, *overrides, variant="hc", devices=8, cwd=ROOT, extra=(), data_dir=None, wait=True):
+def run_train(workdir, *overrides, variant="hc", scale="debug", devices=8, cwd=ROOT, extra=(), data_dir=None,
+              wait=True):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:{variant},debug",
+    args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:{variant},{scale}",
             f"--workdir={workdir}", *QUIET, *overrides, *extra]
     if data_dir:
         args.append(f"--config.data.dir={data_dir}")
@@ -114,6 +115,58 @@ def test_sigterm_saves_and_the_same_command_resumes(straight_run, default_data, 
     assert losses(tmp_path / "run") == losses(straight_run)
 
 
+MOE_RUN = ["--config.train.steps=16", "--config.train.log_every=1", "--config.train.checkpoint_every=4",
+           "--config.mesh.expert=4"]  # 8 devices: fsdp = 2 x expert = 4
+UNTIMED = ("step_seconds", "tokens_per_sec", "mfu", "compile_seconds")
+
+
+def untimed_records(workdir):
+    return [{k: v for k, v in r.items() if k not in UNTIMED} for r in records(workdir)]
+
+
+@pytest.fixture(scope="module")
+def moe_run(default_data, tmp_path_factory):
+    """mhc at moe_debug (MLA + MoE) with expert parallelism, straight through."""
+    workdir = tmp_path_factory.mktemp("moe") / "run"
+    result = run_train(workdir, *MOE_RUN, variant="mhc", scale="moe_debug", data_dir=default_data)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def test_a_moe_run_logs_load_balance_and_resumes_after_sigterm_bit_for_bit(moe_run, default_data, tmp_path):
+    """Every logged number after the resume, the router bias's range included, equals the straight run's."""
+    lines = records(moe_run)
+    assert all({"expert_load_max", "expert_load_min", "router_bias_min", "router_bias_max", "dropped_fraction"}
+               <= set(r) for r in lines)
+    assert lines[-1]["router_bias_max"] > 0 > lines[-1]["router_bias_min"]
+    assert lines[-1]["expert_load_min"] <= 1 <= lines[-1]["expert_load_max"] and "amax_forward" in lines[-1]
+    process = run_train(tmp_path / "run", *MOE_RUN, variant="mhc", scale="moe_debug", data_dir=default_data,
+                        wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert 6 <= losses(tmp_path / "run")[-1][0] < 16
+    resumed = run_train(tmp_path / "run", *MOE_RUN, variant="mhc", scale="moe_debug", data_dir=default_data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert untimed_records(tmp_path / "run") == untimed_records(moe_run)
+
+
+def test_a_moe_run_evaluates(moe_run, fetched_eval_data):
+    data_dir, _ = fetched_eval_data
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    result = subprocess.run([sys.executable, "eval.py", f"--workdir={moe_run}", "--tasks=perplexity,mmlu,gsm8k",
+                             "--limit=2", f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    tasks = json.loads((moe_run / "eval" / "16" / "results.json").read_text())["tasks"]
+    assert tasks["perplexity"]["metrics"]["loss"] == pytest.approx(records(moe_run)[-1]["eval_loss"], rel=0.1)
+    assert tasks["gsm8k"]["n"] == tasks["mmlu"]["n"] == 2
+
+
 def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):
     config = get_config("hc,debug")
     config.data.dir = str(data_dir)
@@ -158,10 +211,11 @@ def test_two_processes_train_like_one(straight_run, default_data, tmp_path):
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", ["debug", "moe_debug"])
 @pytest.mark.parametrize("variant", ["residual", "hc", "hc_static", "mhc"])
-def test_loss_decreases_on_the_default_corpus(default_data, tmp_path, variant):
+def test_loss_decreases_on_the_default_corpus(default_data, tmp_path, variant, scale):
     result = run_train(tmp_path / "run", "--config.train.steps=40", "--config.train.log_every=1",
-                       variant=variant, devices=1, data_dir=default_data)
+                       variant=variant, scale=scale, devices=1, data_dir=default_data)
     assert result.returncode == 0, result.stderr
     values = [l for _, l in losses(tmp_path / "run")]
     assert np.mean(values[-5:]) < np.mean(values[:5]) - 1.0, values
@@ -180,6 +234,8 @@ def test_bad_inputs(straight_run, default_data, tmp_path):
                                 data_dir=default_data), "mesh:", "there are 8 devices")
     assert_user_error(run_train(tmp_path / "a", "--config.train.batch_size=12", data_dir=default_data),
                       "train.batch_size: 12", "data x fsdp x expert = 8")
+    assert_user_error(run_train(tmp_path / "a", "--config.mesh.expert=8", scale="moe_debug", data_dir=default_data,
+                                extra=["--config.model.moe.n_experts=12"]), "mesh.expert: 8", "n_experts=12")
     assert_user_error(run_train(tmp_path / "a", data_dir=tmp_path / "nowhere"),
                       "no manifest.json", "prepare_data.py")
     assert_user_error(run_train(straight_run, *STRAIGHT, variant="mhc", data_dir=default_data),
