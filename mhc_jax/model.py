@@ -1,8 +1,11 @@
-"""The decoder: embed -> expand -> scan(blocks) -> reduce -> final norm -> unembed.
+"""The decoder: embed -> expand -> scan(blocks) -> scan(moe_blocks) -> reduce -> final norm -> unembed.
 
 The residual connection is whatever `residual.make_site` returns; this file never asks which.
-The blocks' parameters are stacked on a leading `layers` axis whether or not the forward pass
-scans, so `scan_layers` and `remat` change compilation only, never the checkpoint layout.
+A block is attention (`attention.py`: MHA/GQA or MLA) then an FFN (a SwiGLU, or `moe.py`'s
+DeepSeekMoE); a dense model has only `blocks`, an MoE model its leading dense layers there and the
+rest in `moe_blocks`. Each stack's parameters are stacked on a leading `layers` axis whether or not
+the forward pass scans, so `scan_layers` and `remat` change compilation only, never the checkpoint
+layout.
 """
 
 from typing import NamedTuple

@@ -102,10 +102,13 @@ class MoE(nnx.Module):
         return y_BTC, stats
 
     def experts(self, x_BEKC: jax.Array) -> jax.Array:
+        """Each expert's SwiGLU on its tokens. The weights are gathered over FSDP first (kept split
+        over experts), so each device runs its own experts on the tokens dispatched to it."""
         dtype = x_BEKC.dtype
-        gate_BEKF = jax.nn.silu(jnp.einsum("bekc,ecf->bekf", x_BEKC, self.w_gate[...].astype(dtype)))
-        up_BEKF = jnp.einsum("bekc,ecf->bekf", x_BEKC, self.w_up[...].astype(dtype))
-        return jnp.einsum("bekf,efc->bekc", gate_BEKF * up_BEKF, self.w_down[...].astype(dtype))
+        w_gate, w_up = (sharding.constrain(w[...].astype(dtype), ("experts", None, "mlp")) for w in (self.w_gate, self.w_up))
+        w_down = sharding.constrain(self.w_down[...].astype(dtype), ("experts", "mlp", None))
+        gate_BEKF = jax.nn.silu(jnp.einsum("bekc,ecf->bekf", x_BEKC, w_gate))
+        return jnp.einsum("bekf,efc->bekc", gate_BEKF * jnp.einsum("bekc,ecf->bekf", x_BEKC, w_up), w_down)
 
 
 def balance_router_bias(bias_LE: jax.Array, load_LE: jax.Array, rate: float) -> jax.Array:

@@ -222,9 +222,13 @@ class StopRequest:
 
 def train(config, workdir: str | Path, vocab_overridden: bool = False) -> None:
     """Trains to `train.steps` (or `train.stop_at_step`), resuming from WORKDIR/checkpoints."""
-    workdir = Path(workdir)
-    t = config.train
     mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):  # under it the model's sharding constraints (sharding.constrain) apply
+        train_on(mesh, config, Path(workdir), vocab_overridden)
+
+
+def train_on(mesh, config, workdir: Path, vocab_overridden: bool) -> None:
+    t = config.train
     check_mesh(config, mesh)
     manifest = open_data(config, vocab_overridden)
     experiment = Experiment(config, mesh)

@@ -98,15 +98,20 @@ def test_stop_and_resume_repeats_every_loss_bit_for_bit(straight_run, default_da
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
 
 
-def test_sigterm_saves_and_the_same_command_resumes(straight_run, default_data, tmp_path):
-    process = run_train(tmp_path / "run", *STRAIGHT, data_dir=default_data, wait=False)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 8):
+def stop_with_sigterm(process, workdir, after_lines: int) -> None:
+    """SIGTERM once metrics.jsonl has `after_lines` lines; the process must then exit 0."""
+    metrics = workdir / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_lines):
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.1)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
+
+
+def test_sigterm_saves_and_the_same_command_resumes(straight_run, default_data, tmp_path):
+    process = run_train(tmp_path / "run", *STRAIGHT, data_dir=default_data, wait=False)
+    stop_with_sigterm(process, tmp_path / "run", after_lines=8)
     stopped_at = losses(tmp_path / "run")[-1][0]
     assert 8 <= stopped_at < 24
     assert str(stopped_at) in os.listdir(tmp_path / "run" / "checkpoints")
@@ -142,13 +147,7 @@ def test_a_moe_run_logs_load_balance_and_resumes_after_sigterm_bit_for_bit(moe_r
     assert lines[-1]["expert_load_min"] <= 1 <= lines[-1]["expert_load_max"] and "amax_forward" in lines[-1]
     process = run_train(tmp_path / "run", *MOE_RUN, variant="mhc", scale="moe_debug", data_dir=default_data,
                         wait=False)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
-        assert process.poll() is None, process.communicate()[1]
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    stop_with_sigterm(process, tmp_path / "run", after_lines=6)
     assert 6 <= losses(tmp_path / "run")[-1][0] < 16
     resumed = run_train(tmp_path / "run", *MOE_RUN, variant="mhc", scale="moe_debug", data_dir=default_data)
     assert resumed.returncode == 0, resumed.stderr
