@@ -54,10 +54,18 @@ class Experiment:
         self.batch_sharding = sharding.batch_sharding(mesh)
         replicated = sharding.replicated(mesh)
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+        self.train_step = jax.jit(self.on_mesh(self._train_step), in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step, out_shardings=replicated)
-        self.trace_step = jax.jit(self._trace_step, out_shardings=replicated)
+        self.eval_step = jax.jit(self.on_mesh(self._eval_step), out_shardings=replicated)
+        self.trace_step = jax.jit(self.on_mesh(self._trace_step), out_shardings=replicated)
+
+    def on_mesh(self, step):
+        """`step`, traced with this mesh in context, so that the model's activation sharding
+        constraints (sharding.constrain) take effect inside the jitted function."""
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                return step(*args)
+        return traced
 
     def apply(self, params, tokens_BT, **kwargs):
         return nnx.merge(self.graphdef, params)(tokens_BT, **kwargs)
@@ -222,13 +230,9 @@ class StopRequest:
 
 def train(config, workdir: str | Path, vocab_overridden: bool = False) -> None:
     """Trains to `train.steps` (or `train.stop_at_step`), resuming from WORKDIR/checkpoints."""
-    mesh = sharding.make_mesh(config.mesh)
-    with jax.set_mesh(mesh):  # under it the model's sharding constraints (sharding.constrain) apply
-        train_on(mesh, config, Path(workdir), vocab_overridden)
-
-
-def train_on(mesh, config, workdir: Path, vocab_overridden: bool) -> None:
+    workdir = Path(workdir)
     t = config.train
+    mesh = sharding.make_mesh(config.mesh)
     check_mesh(config, mesh)
     manifest = open_data(config, vocab_overridden)
     experiment = Experiment(config, mesh)

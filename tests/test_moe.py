@@ -48,6 +48,22 @@ def test_dropless_routing_matches_a_per_token_transcription():
     assert float(layer(x_BTC)[1].load[3]) == 2 * 12
 
 
+def test_sequence_balance_loss_is_v3s_formula():
+    """V3's L_bal per sequence: sum_i f_i P_i, f_i = E / (k T) * (tokens choosing i), P_i = mean over
+    tokens of the affinity normalized over all experts; then the mean over sequences."""
+    layer = moe.MoE(moe_config(), out_std=1.0, rngs=nnx.Rngs(0))
+    x_BTC = jax.random.normal(jax.random.PRNGKey(3), (3, 10, 64))
+    _, stats = layer(x_BTC)
+    scores = 1 / (1 + np.exp(-(np.asarray(x_BTC) @ np.asarray(layer.router[...]))))
+    chosen = np.argsort(-scores, axis=-1)[..., :2]
+    expected = []
+    for b in range(3):
+        f = 8 / (2 * 10) * np.bincount(chosen[b].ravel(), minlength=8)
+        p = (scores[b] / scores[b].sum(-1, keepdims=True)).mean(0)
+        expected.append((f * p).sum())
+    assert float(stats.balance_loss) == pytest.approx(np.mean(expected), rel=1e-5)
+
+
 def test_capacity_drops_the_latest_tokens_of_an_overloaded_expert():
     layer = moe.MoE(moe_config(capacity_factor=1.0), out_std=1.0, rngs=nnx.Rngs(0))
     layer.router_bias[...] = jnp.zeros(8).at[jnp.array([0, 1])].set(100.0)  # every token picks experts 0, 1
@@ -65,7 +81,7 @@ def test_the_bias_update_moves_load_from_overloaded_experts():
     bias, and the busiest expert's load over the mean falls until it hovers near balance."""
     config = get_config("mhc,moe_debug")
     config.train.update(lr=0.0, steps=10)
-    config.model.moe.update(bias_update_rate=0.05, capacity_factor=0.0)
+    config.model.moe.update(bias_update_rate=0.05, capacity_factor=0.0, balance_loss_weight=1e-4)
     experiment = trainer.Experiment(config, mesh_of((1, 1, 1, 1)))
     state = experiment.init_state()
     router = state["params"]["moe_blocks"]["mlp"]["router"]
@@ -77,6 +93,7 @@ def test_the_bias_update_moves_load_from_overloaded_experts():
         loads.append(float(metrics["expert_load_max"]))
     assert loads[0] > 2.5 and max(loads[-3:]) < 1.5, loads  # sign steps then hover near balance
     assert all(later < earlier for earlier, later in zip(loads[:4], loads[1:4])), loads
+    assert metrics["balance_loss"] > 0  # the optional V3 balance loss is reported once weighted in
     bias = np.asarray(router_bias(state["params"]))
     assert (bias[:, :2] < 0).all() and float(metrics["router_bias_min"]) == pytest.approx(bias.min())
 
