@@ -2,8 +2,10 @@
 measure stability, checkpoint, and stop cleanly when preempted.
 
 `Experiment.train_step` is the whole update in one function. The train state is a plain dict
-{step, params, opt} of arrays laid out by the mesh; the model's structure lives in a graphdef
-outside it, so the jitted step is a pure function of (state, batch).
+{step, params, opt} of arrays laid out by the mesh (`params` holds every model variable: the
+parameters, and in an MoE model the router bias, which the step sets from the expert load); the
+model's structure lives in a graphdef outside it, so the jitted step is a pure function of
+(state, batch).
 """
 
 import json

@@ -1,9 +1,10 @@
 """Print the parameter counts of a config as one JSON object, without allocating the model.
 
-    python scripts/count_params.py --config=configs/pretrain.py:mhc,1b
+    python scripts/count_params.py --config=configs/pretrain.py:mhc,27b
 
 embedding: the token embedding table (+ the unembedding when untied); non_embedding: the rest;
-active: parameters used per token (all of them in these dense models); residual_overhead: the
+active: parameters one token is multiplied by (all but the input embedding lookup, and in MoE layers
+only top_k of the routed experts: the routing arithmetic of model.param_counts); residual_overhead: the
 parameters of the HC/mHC sites, i.e. what the variant adds to the residual model of the same scale.
 """
 
