@@ -1,10 +1,13 @@
-"""Test setup: 8 simulated CPU devices (set before jax loads), a compilation cache, the `variant`
-fixture and the fetched benchmark folder."""
+"""Test setup: 8 simulated CPU devices and fast compilation (set before jax loads), a compilation
+cache, the `variant` fixture and the fetched benchmark folder."""
 
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# LLVM optimization off: compiling dominates this suite and takes about half as long, the steps of
+# its tiny models run a little slower; the numbers every test compares are computed alike.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache per test session, shared with the train.py subprocesses the tests start.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mhc-jax-test-cache-"))

@@ -2,6 +2,7 @@
 the command-line tools."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,12 @@ def assert_user_error(result, *fragments):
 
 
 ROOT = Path(__file__).parents[1]
+
+
+def xla_flags(devices: int) -> str:
+    """The session's XLA flags (conftest.py) for a subprocess with another simulated device count."""
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 
 
 def run_fetch(*args, env=None):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 
-from helpers import assert_user_error, corpus_documents, prepare_small_corpus
+from helpers import assert_user_error, corpus_documents, prepare_small_corpus, xla_flags
 from mhc_jax.evals import eval_data, hellaswag, registry, triviaqa
 from mhc_jax.evals.harness import LanguageModel
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
@@ -37,7 +37,7 @@ def workdir(tmp_path_factory):
 def run_eval(*args):
     """eval.py on one CPU device (decoding is step by step: 8 simulated devices only add overhead;
     the in-process tests here run sharded over 8)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env=env)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_user_error, prepare_small_corpus
+from helpers import assert_user_error, prepare_small_corpus, xla_flags
 
 from mhc_jax import study
 from mhc_jax.study_report import fmt
@@ -19,7 +19,7 @@ PLOTS = ("loss.png", "amax.png", "amax_per_site.png", "h_res.png")
 
 
 def run_study(out, *args, data_dir=None):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     command = [sys.executable, "scripts/stability.py", f"--out={out}", "--config=configs/stability.py:debug",
                *([f"--config.data.dir={data_dir}"] if data_dir else []), *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

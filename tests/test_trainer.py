@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from configs.pretrain import get_config
-from helpers import assert_user_error, corpus_documents, debug_model_config
+from helpers import assert_user_error, corpus_documents, debug_model_config, xla_flags
 from mhc_jax import checkpoint, data, optim, prepare, sharding, trainer
 from mhc_jax.model import Transformer
 
@@ -26,7 +26,7 @@ QUIET = ["--config.log.progress=False"]
 
 def run_train(workdir, *overrides, variant="hc", scale="debug", devices=8, cwd=ROOT, extra=(), data_dir=None,
               wait=True):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
     args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:{variant},{scale}",
             f"--workdir={workdir}", *QUIET, *overrides, *extra]
     if data_dir:
@@ -156,7 +156,7 @@ def test_a_moe_run_logs_load_balance_and_resumes_after_sigterm_bit_for_bit(moe_r
 
 def test_a_moe_run_evaluates(moe_run, fetched_eval_data):
     data_dir, _ = fetched_eval_data
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
     result = subprocess.run([sys.executable, "eval.py", f"--workdir={moe_run}", "--tasks=perplexity,mmlu,gsm8k",
                              "--limit=2", f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=env)
