@@ -132,6 +132,19 @@ def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device(variant):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), sharded_grads, grads)
 
 
+def dispatch_all_to_alls(mesh_sizes) -> int:
+    """All-to-all ops of the dispatch's token gather in the compiled train step of moe_debug."""
+    experiment = trainer.Experiment(get_config("mhc,moe_debug"), mesh_of(mesh_sizes))
+    tokens = jax.ShapeDtypeStruct((8, 65), jnp.int32, sharding=experiment.batch_sharding)
+    hlo = experiment.train_step.lower(experiment.abstract_state, tokens).compile().as_text()
+    return sum(" all-to-all(" in line and "take_along_axis" in line for line in hlo.splitlines())
+
+
+def test_tokens_reach_their_experts_by_all_to_all():
+    assert dispatch_all_to_alls((1, 2, 4, 1)) > 0
+    assert dispatch_all_to_alls((1, 8, 1, 1)) == 0  # without an expert axis every device has every expert
+
+
 def test_an_expert_axis_must_divide_the_experts():
     config = get_config("mhc,moe_debug")
     config.mesh.update(expert=3, fsdp=1)
