@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test train stability
+.PHONY: setup tpu-compiler test train stability
 
 setup: $(VENV)/.installed
 
@@ -12,7 +12,14 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $@
 
-test: setup
+# The TPU compiler for scripts/dry_run.py, in its own folder (see requirements-tpu.txt).
+tpu-compiler: $(VENV)/libtpu/.installed
+
+$(VENV)/libtpu/.installed: requirements-tpu.txt | $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/libtpu -r requirements-tpu.txt
+	touch $@
+
+test: setup tpu-compiler
 	$(BIN)/python -m pytest -q
 
 # The main job: mHC at the 10m scale on the default corpus (prepared on first use), sized to finish

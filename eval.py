@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
-from mhc_jax import cli
+from mhc_jax import cli, workdirs
 from mhc_jax.errors import UserError
 from mhc_jax.evals import eval_data
 from mhc_jax.evals.harness import LanguageModel, write_results
@@ -31,10 +31,8 @@ MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "prompts are cut to their 
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
-    if not WORKDIR.value:
-        cli.fail("--workdir: required, e.g. --workdir=runs/mhc-10m")
+    cli.expect(argv, {WORKDIR: "runs/mhc-10m"})
+    workdirs.check_reachable(WORKDIR.value, "--workdir")
     unknown = [name for name in TASK_NAMES.value if name not in TASKS]
     if unknown:
         raise UserError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
@@ -43,7 +41,7 @@ def main(argv):
     if LIMIT.value is not None and LIMIT.value < 1:
         raise UserError(f"--limit: must be at least 1, got {LIMIT.value}")
     model = LanguageModel(WORKDIR.value, STEP.value, BATCH_SIZE.value, MAX_LENGTH.value)
-    path = Path(WORKDIR.value) / "eval" / str(model.step) / "results.json"
+    path = workdirs.path(WORKDIR.value) / "eval" / str(model.step) / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"step": model.step, "tasks": {}}
     for name in TASK_NAMES.value:
         results["tasks"][name] = {**TASKS[name](model, Path(DATA_DIR.value), LIMIT.value), "limit": LIMIT.value}

@@ -14,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mhc_jax import cli, trainer
+from mhc_jax import cli, trainer, workdirs
 
 CONFIG = cli.define_config_flag()
 WORKDIR = flags.DEFINE_string("workdir", None, "where config.json, metrics.jsonl and checkpoints/ go")
@@ -26,11 +26,9 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
-    if not WORKDIR.value:
-        cli.fail("--workdir: required, e.g. --workdir=runs/mhc-10m")
+    cli.expect(argv, {WORKDIR: "runs/mhc-10m"})
     config = cli.load_config(CONFIG)
+    workdirs.check_reachable(WORKDIR.value, "--workdir")
     if DISTRIBUTED.value or (NUM_PROCESSES.value or 1) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
         jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

@@ -51,6 +51,7 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     shape = SCALES[scale]
 
     config = ml_collections.ConfigDict()
+    config.scale = scale  # the scale's name, for tables (scripts/compare.py); its shape is in model.*
     m = config.model = ml_collections.ConfigDict()
     m.residual = residual  # 'residual' (x + F(x)), 'hc' (Hyper-Connections) or 'mhc' (manifold-constrained HC)
     m.n_streams = n_streams  # n: parallel residual streams; 1 for 'residual', the papers use 4
@@ -142,5 +143,6 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     log.wandb = False  # also log to Weights & Biases
     log.wandb_mode = "offline"  # 'offline' needs no network (sync later with `wandb sync`); or 'online'
     log.wandb_project = "mhc-jax"  # the W&B project
+    log.wandb_group = ""  # W&B group of the run; scripts/sweep.py gives a sweep's runs one group
     log.peak_tflops = 0.0  # per-device peak for MFU; 0 looks the device up in mhc_jax/logging.py
     return config

@@ -8,18 +8,20 @@ with a warning, in favour of the one before it.
 """
 
 import logging
-from pathlib import Path
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from mhc_jax import workdirs
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, keep: int | None = None, create: bool = True):
+    def __init__(self, workdir: str | epath.Path, keep: int | None = None, create: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create)
-        self.directory = Path(workdir) / "checkpoints"
-        self.manager = ocp.CheckpointManager(self.directory.absolute(), options=options,
+        self.directory = workdirs.path(workdir) / "checkpoints"
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data_iter", "meta"))
 
     def steps(self) -> list[int]:

@@ -22,17 +22,34 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def expect(argv: list[str], required: dict | None = None) -> None:
+    """No positional arguments, and every flag in `required` ({FlagHolder: example value}) given."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; see --help")
+    for flag, example in (required or {}).items():
+        if not flag.value:
+            fail(f"--{flag.name}: required, e.g. --{flag.name}={example}")
+
+
 def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except UserError as e:
         fail(str(e))
-    except flags.Error as e:
-        fail(_flag_error_line(e))
-    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field that does not exist
-        name = str(e).strip("\"'")
-        given = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
-        fail(f"{given[0] if given else '--config.*'}: no config field {name!r} (see configs/pretrain.py for the fields)")
+    except OVERRIDE_ERRORS as e:
+        fail(override_error_line(e, argv))
+
+
+OVERRIDE_ERRORS = (flags.Error, AttributeError, KeyError)  # ml_collections: a bad or unknown --config.a.b
+
+
+def override_error_line(error: Exception, argv: list[str]) -> str:
+    """One line for a bad --config.a.b=value in `argv`."""
+    if isinstance(error, flags.Error):
+        return _flag_error_line(error)
+    name = str(error).strip("\"'")
+    given = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
+    return f"{given[0] if given else '--config.*'}: no config field {name!r} (see configs/pretrain.py for the fields)"
 
 
 def _flag_error_line(error: flags.Error) -> str:
@@ -57,6 +74,11 @@ def run(main) -> None:
             fail(str(e))
 
     app.run(guarded, flags_parser=_parse_flags)
+
+
+def config_spec(config_flag: flags.FlagHolder) -> str:
+    """'<variant>,<scale>' of --config=configs/pretrain.py:<variant>,<scale>."""
+    return config_flags.get_config_filename(flags.FLAGS[config_flag.name]).partition(":")[2]
 
 
 def load_config(config_flag: flags.FlagHolder):

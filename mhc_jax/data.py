@@ -13,6 +13,7 @@ one iterated from step 0 yields at step k. The grain iterator's state can be che
 """
 
 import functools
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,13 @@ def load_manifest(data_dir: str | Path) -> dict:
                 raise UserError(f"data dir {data_dir}: shard {shard['file']} listed in manifest.json is missing; "
                                 "prepare the data again with --overwrite")
     return manifest
+
+
+def fingerprint(manifest: dict) -> str:
+    """One hash of what a run trains and validates on: the tokenizer and every shard's contents."""
+    content = {"tokenizer": manifest["tokenizer"]["sha256"],
+               "splits": {split: [shard["sha256"] for shard in manifest["splits"][split]["shards"]] for split in SPLITS}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def load_data_tokenizer(data_dir: str | Path, manifest: dict) -> Tokenizer:

@@ -13,12 +13,13 @@ MFU = FLOPs per token x tokens per second / (devices x peak FLOP/s per device).
 
 import json
 import secrets
-from pathlib import Path
+import tempfile
 
 import jax
+from etils import epath
 from tqdm import tqdm
 
-from mhc_jax import residual
+from mhc_jax import residual, workdirs
 from mhc_jax.model import param_counts
 
 # Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
@@ -47,30 +48,40 @@ def peak_flops_per_device(log_config) -> float | None:
 
 
 class RunLog:
-    """metrics.jsonl, the progress bar and wandb; everything is a no-op outside process 0."""
+    """metrics.jsonl, the progress bar and wandb; everything is a no-op outside process 0.
 
-    def __init__(self, workdir: Path, config, start_step: int):
+    The workdir may be a bucket (gs://...), where files cannot be appended to: metrics.jsonl is
+    rewritten whole at every write, through a temporary file renamed over it, so a reader never
+    sees a partial file."""
+
+    def __init__(self, workdir: str | epath.Path, config, start_step: int):
         self.active = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = workdirs.path(workdir) / "metrics.jsonl"
+        self.lines = []
         self.wandb_run = None
         self.bar = None
         if not self.active:
             return
         if self.path.exists():  # a resumed run drops what it logged past its checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            self.flush()
         if config.log.wandb:
-            self.wandb_run = start_wandb(Path(workdir), config)
+            self.wandb_run = start_wandb(workdirs.path(workdir), config)
         if config.log.progress:
             self.bar = tqdm(total=config.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.lines.append(json.dumps(record))
+        self.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def flush(self) -> None:
+        partial = self.path.parent / (self.path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in self.lines))
+        partial.replace(self.path)
 
     def advance(self, loss: float, tokens_per_sec: float) -> None:
         if self.bar is not None:
@@ -84,12 +95,15 @@ class RunLog:
             self.wandb_run.finish()
 
 
-def start_wandb(workdir: Path, config):
-    """A wandb run that a resumed training run continues (its id is kept in WORKDIR/wandb_run_id)."""
+def start_wandb(workdir: epath.Path, config):
+    """A wandb run that a resumed training run continues (its id is kept in WORKDIR/wandb_run_id).
+    wandb keeps its files in the workdir, or in a local temporary folder when that is a bucket."""
     import wandb  # imported only when asked for: it is slow to import
 
     id_file = workdir / "wandb_run_id"
     if not id_file.exists():
         id_file.write_text(secrets.token_hex(8))
-    return wandb.init(project=config.log.wandb_project, mode=config.log.wandb_mode, dir=str(workdir),
-                      id=id_file.read_text().strip(), resume="allow", name=workdir.name, config=config.to_dict())
+    files = tempfile.mkdtemp(prefix="mhc-jax-wandb-") if workdirs.is_remote(workdir) else str(workdir)
+    return wandb.init(project=config.log.wandb_project, mode=config.log.wandb_mode, dir=files,
+                      id=id_file.read_text().strip(), resume="allow", name=workdir.name,
+                      group=config.log.wandb_group or None, config=config.to_dict())

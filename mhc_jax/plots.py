@@ -1,6 +1,7 @@
 """Plots of a run's metrics.jsonl (loss curves and the composite Amax gain over training) and of the
 stability study's runs (mhc_jax/study.py)."""
 
+import io
 import json
 from pathlib import Path
 
@@ -11,9 +12,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from mhc_jax import workdirs  # noqa: E402
 
-def read_metrics(workdir: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+def read_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (workdirs.path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def series(records: list[dict], key: str) -> tuple[list, list]:
@@ -21,7 +24,7 @@ def series(records: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_run(workdir: str | Path) -> Path:
+def plot_run(workdir):
     """WORKDIR/run.png: train and validation loss (left), composite Amax gain, log scale (right)."""
     records = read_metrics(workdir)
     figure, (loss_axes, gain_axes) = plt.subplots(1, 2, figsize=(11, 4))
@@ -35,17 +38,13 @@ def plot_run(workdir: str | Path) -> Path:
     gain_axes.axhline(1.0, color="gray", linewidth=0.5)
     _plain_log_labels(gain_axes)
     gain_axes.legend()
-    figure.suptitle(Path(workdir).name)
-    figure.tight_layout()
-    path = Path(workdir) / "run.png"
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    figure.suptitle(workdirs.path(workdir).name)
+    return _save(figure, workdirs.path(workdir) / "run.png", dpi=100)
 
 
 # The stability study (mhc_jax/study.py): one color per variant; lr x1 solid with the seeds' range
 # shaded, the stress learning rate dashed.
-COLORS = {"residual": "tab:gray", "hc": "tab:red", "mhc": "tab:blue"}
+COLORS = {"residual": "tab:gray", "hc": "tab:red", "hc_static": "tab:orange", "mhc": "tab:blue"}
 
 
 def smooth(values: list[float], window: int) -> np.ndarray:
@@ -165,8 +164,66 @@ def plot_h_res(maps: dict, path: Path) -> Path:
     return _save(figure, path)
 
 
-def _save(figure, path: Path) -> Path:
+def _save(figure, path, dpi: int = 80):
+    """Writes the figure as a PNG to a local path or a bucket path (workdirs.py)."""
     figure.tight_layout()
-    figure.savefig(path, dpi=80)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=dpi)
     plt.close(figure)
+    path = workdirs.path(path)
+    path.write_bytes(png.getvalue())
     return path
+
+
+# scripts/compare.py: runs grouped {scale: {row label: [(tokens per step, records) of each seed]}}.
+def _color(label: str) -> str:
+    return COLORS.get(label.split(" ")[0], "tab:green")
+
+
+def _per_scale_axes(tables: dict, title: str):
+    figure, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4), squeeze=False)
+    for ax, scale in zip(axes[0], tables):
+        ax.set_title(f"{scale}: {title}")
+    return figure, axes[0]
+
+
+def plot_comparison_losses(tables: dict, path, window: int = 10):
+    """Train loss (moving average, mean and range over seeds) and validation loss against tokens."""
+    figure, axes = _per_scale_axes(tables, "loss against tokens")
+    for ax, rows in zip(axes, tables.values()):
+        for label, seeds in rows.items():
+            train = [([s * per_step for s in steps], smooth(values, window).tolist())
+                     for per_step, records in seeds for steps, values in [_finite_series(records, "loss")] if steps]
+            evals = [([s * per_step for s in steps], values)
+                     for per_step, records in seeds for steps, values in [_finite_series(records, "eval_loss")] if steps]
+            if train:
+                _band(ax, train, _color(label), f"{label} train ({len(train)} seeds)")
+            if evals:
+                _band(ax, evals, _color(label), f"{label} validation", marker="o")
+        ax.set(xlabel="tokens", ylabel="loss (nats/token)")
+        ax.legend(fontsize=7)
+    return _save(figure, path)
+
+
+def plot_comparison_amax(tables: dict, path):
+    """The composite forward Amax gain (max over sites) over training, per variant."""
+    figure, axes = _per_scale_axes(tables, "composite Amax forward")
+    for ax, rows in zip(axes, tables.values()):
+        for label, seeds in rows.items():
+            curves = [curve for _, records in seeds for curve in [_finite_series(records, "amax_forward")] if curve[0]]
+            if curves:
+                _band(ax, curves, _color(label), label, marker="o")
+        _gain_axes(ax, ax.get_title(), "step")
+    return _save(figure, path)
+
+
+def plot_scaling(points: dict, path):
+    """points: {row label: [(parameters, mean final validation loss, min, max)]}, the paper's scaling figure."""
+    figure, ax = plt.subplots(figsize=(6, 4))
+    for label, values in points.items():
+        values = sorted(values)
+        x, mean, low, high = (np.array(v) for v in zip(*values))
+        ax.errorbar(x, mean, yerr=[mean - low, high - mean], marker="o", capsize=3, color=_color(label), label=label)
+    ax.set(xscale="log", xlabel="parameters", ylabel="final validation loss", title="final loss against model size")
+    ax.legend(fontsize=8)
+    return _save(figure, path)

@@ -14,6 +14,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from mhc_jax.errors import UserError
@@ -39,22 +40,26 @@ RULES = {
 }
 
 
-def make_mesh(mesh_config) -> Mesh:
-    """The (data, fsdp, expert, tensor) mesh over all devices; one size may be -1 to take what is left."""
+def make_mesh(mesh_config, devices: list | None = None) -> Mesh:
+    """The (data, fsdp, expert, tensor) mesh over `devices` (default: all of this run's devices); one
+    size may be -1 to take what is left."""
     sizes = [mesh_config[axis] for axis in MESH_AXES]
-    devices = jax.device_count()
+    count = len(devices) if devices is not None else jax.device_count()
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise UserError(f"mesh: sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
-        if devices % known:
-            raise UserError(f"mesh: {devices} devices are not divisible by the fixed mesh sizes "
+        if count % known:
+            raise UserError(f"mesh: {count} devices are not divisible by the fixed mesh sizes "
                             f"{dict(zip(MESH_AXES, sizes))}")
-        sizes[sizes.index(-1)] = devices // known
-    if math.prod(sizes) != devices:
+        sizes[sizes.index(-1)] = count // known
+    if math.prod(sizes) != count:
         raise UserError(f"mesh: {' x '.join(MESH_AXES)} = {' x '.join(map(str, sizes))} = {math.prod(sizes)}, "
-                        f"but there are {devices} devices; make the product {devices} (one size may be -1)")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+                        f"but there are {count} devices; make the product {count} (one size may be -1)")
+    # On a TPU torus, a mesh axis may take part of a physical axis (e.g. tensor=8 on 4x4x4).
+    grid = mesh_utils.create_device_mesh(sizes, devices if devices is not None else jax.devices(),
+                                         allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def spec_for(logical_axes: tuple, shape: tuple, mesh: Mesh) -> PartitionSpec:

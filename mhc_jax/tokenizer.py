@@ -101,5 +101,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"--tokenizer: {path} is not a Hugging Face tokenizer.json ({e})") from None
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def file_sha256(path) -> str:
+    """Of a pathlib or epath (workdir) file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -9,7 +9,6 @@ model's structure lives in a graphdef outside it, so the jitted step is a pure f
 """
 
 import json
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mhc_jax import checkpoint, data, diagnostics, moe, optim, plots, prepare, residual, sharding
+from mhc_jax import checkpoint, data, diagnostics, moe, optim, plots, prepare, residual, sharding, workdirs
 from mhc_jax import logging as runlog
 from mhc_jax.errors import UserError
 from mhc_jax.model import Transformer, abstract_model, router_bias, with_router_bias
@@ -230,9 +229,10 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def train(config, workdir: str | Path, vocab_overridden: bool = False) -> None:
-    """Trains to `train.steps` (or `train.stop_at_step`), resuming from WORKDIR/checkpoints."""
-    workdir = Path(workdir)
+def train(config, workdir, vocab_overridden: bool = False) -> None:
+    """Trains to `train.steps` (or `train.stop_at_step`), resuming from WORKDIR/checkpoints (a local
+    folder or a bucket path, see workdirs.py)."""
+    workdir = workdirs.path(workdir)
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
     check_mesh(config, mesh)
@@ -252,11 +252,13 @@ def train(config, workdir: str | Path, vocab_overridden: bool = False) -> None:
     restored = checkpoints.restore_latest(experiment.abstract_state, iterator, checker(config, manifest, workdir))
     state = experiment.init_state() if restored is None else restored[1]
     step = 0 if restored is None else restored[0]
-    if jax.process_index() == 0:  # what eval.py needs besides the checkpoints
+    if jax.process_index() == 0:  # what eval.py and compare.py need besides the checkpoints
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        (workdir / "data.json").write_text(json.dumps({"dir": config.data.dir, "fingerprint": data.fingerprint(manifest),
+                                                       "tokenizer_sha256": manifest["tokenizer"]["sha256"]}) + "\n")
         tokenizer_file = manifest["tokenizer"]["file"]
-        shutil.copyfile(Path(config.data.dir) / tokenizer_file, workdir / tokenizer_file)
+        (workdir / tokenizer_file).write_bytes((Path(config.data.dir) / tokenizer_file).read_bytes())
     stop_at = min(t.steps, t.stop_at_step) if t.stop_at_step > 0 else t.steps
     log = runlog.RunLog(workdir, config, start_step=step)
     meta = run_meta(config, manifest)

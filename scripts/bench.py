@@ -96,8 +96,7 @@ def time_variant(variant: str, manifest, peak: float) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
+    cli.expect(argv)
     manifest = data.load_manifest(DATA_DIR.value)
     peak = runlog.peak_flops_per_device(get_config("mhc,debug").log) or matmul_peak_flops()
     report = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "scale": SCALE.value,

@@ -391,10 +391,7 @@ def fetch(out: Path) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
-    if not OUT.value:
-        cli.fail("--out: required, e.g. --out=data/eval")
+    cli.expect(argv, {OUT: "data/eval"})
     out = Path(OUT.value).resolve()
     check_out(out, OVERWRITE.value)
     start = time.time()

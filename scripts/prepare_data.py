@@ -32,10 +32,7 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a folder that holds a
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments {argv[1:]}; see --help")
-    if not OUT.value:
-        cli.fail("--out: required, e.g. --out=data/default")
+    cli.expect(argv, {OUT: "data/default"})
     recipe = prepare.Recipe(sources=tuple(SOURCE.value), tokenizer=TOKENIZER.value, vocab_size=VOCAB_SIZE.value,
                             val_fraction=VAL_FRACTION.value, text_field=TEXT_FIELD.value)
     command = shlex.join(["python", "scripts/prepare_data.py", *sys.argv[1:]])

@@ -13,10 +13,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mhc-jax-test-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
 from configs.pretrain import VARIANTS  # noqa: E402
-from helpers import run_fetch  # noqa: E402
+from helpers import ROOT, run_fetch, xla_flags  # noqa: E402
+from mhc_jax import data  # noqa: E402
 
 
 @pytest.fixture(params=tuple(VARIANTS))
@@ -31,3 +35,17 @@ def fetched_eval_data(tmp_path_factory):
     result = run_fetch(f"--out={out}")
     assert result.returncode == 0, result.stderr
     return out, result
+
+
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory):
+    """The first-use path: train.py in a fresh folder prepares data/default itself, then trains."""
+    cwd = tmp_path_factory.mktemp("fresh")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:hc,debug",
+                             f"--workdir={cwd / 'run'}", "--config.log.progress=False", "--config.train.steps=2"],
+                            cwd=cwd, env={**os.environ, "XLA_FLAGS": xla_flags(8)}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "preparing data/default" in result.stdout
+    assert data.load_manifest(cwd / "data/default")["splits"]["train"]["tokens"] > 5_000_000
+    return cwd / "data/default"

@@ -44,17 +44,6 @@ def losses(workdir):
     return [(r["step"], r["loss"]) for r in records(workdir)]
 
 
-@pytest.fixture(scope="module")
-def default_data(tmp_path_factory):
-    """The first-use path: train.py in a fresh folder prepares data/default itself, then trains."""
-    cwd = tmp_path_factory.mktemp("fresh")
-    result = run_train(cwd / "run", "--config.train.steps=2", cwd=cwd)
-    assert result.returncode == 0, result.stderr
-    assert "preparing data/default" in result.stdout
-    assert data.load_manifest(cwd / "data/default")["splits"]["train"]["tokens"] > 5_000_000
-    return cwd / "data/default"
-
-
 STRAIGHT = ["--config.train.steps=24", "--config.train.log_every=1", "--config.train.checkpoint_every=5"]
 
 
@@ -195,19 +184,28 @@ def test_checkpoints_restore_onto_other_meshes(straight_run, default_data, tmp_p
         assert restored_eval_loss(saved_on, default_data, sizes, devices) == pytest.approx(logged, abs=1e-6)
 
 
-def test_two_processes_train_like_one(straight_run, default_data, tmp_path):
-    """2 processes x 4 devices (data=2 x fsdp=4) against the straight run's 1 process x 8 (fsdp=8)."""
-    common = (*STRAIGHT, "--config.train.stop_at_step=6", "--config.mesh.data=2", "--config.mesh.fsdp=4")
-    port = 20000 + os.getpid() % 20000
-    workers = [run_train(tmp_path / "two", *common, devices=4, data_dir=default_data, wait=False,
-                         extra=(f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"))
-               for i in range(2)]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=600)
-        assert worker.returncode == 0, stderr
-    two, one = losses(tmp_path / "two"), losses(straight_run)[:6]
+def test_two_slurm_processes_train_like_one_through_the_sweeps_sbatch_script(straight_run, default_data, tmp_path):
+    """scripts/sweep.py --launcher=slurm writes the sbatch script; it runs as written, its srun a stand-in
+    that starts 2 processes x 4 devices (data=2 x fsdp=4) on localhost with SLURM's variables, which
+    train.py --distributed reads. Against the straight run's 1 process x 8 devices (fsdp=8)."""
+    overrides = (*STRAIGHT, *QUIET, "--config.train.stop_at_step=6", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+                 f"--config.data.dir={default_data}")
+    written = subprocess.run([sys.executable, "scripts/sweep.py", f"--root={tmp_path / 'sweep'}", "--variants=hc",
+                              "--scales=debug", "--seeds=0", "--launcher=slurm", "--nodes=2", "--gpus_per_node=0",
+                              *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert written.returncode == 0, written.stderr
+    script = tmp_path / "sweep" / "hc-debug-seed0.sbatch"
+    assert "#SBATCH --nodes=2" in script.read_text() and "srun " in script.read_text()
+    job_id = 1000 + os.getpid() % 3000  # JAX's coordinator port comes from the job id
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "PATH": f"{ROOT / 'tests/fake_slurm'}:{os.environ['PATH']}",
+           "SLURM_JOB_ID": str(job_id), "SLURM_NTASKS": "2"}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    workdir = tmp_path / "sweep" / "hc-debug-seed0"
+    two, one = losses(workdir), losses(straight_run)[:6]
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
+    assert "6" in os.listdir(workdir / "checkpoints")
 
 
 @pytest.mark.parametrize("scale", ["debug", "moe_debug"])

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mhc_jax import checkpoint, sharding
+from mhc_jax import checkpoint, sharding, workdirs
 from mhc_jax.errors import UserError
 from mhc_jax.generate import Generator, bucket
 from mhc_jax.model import abstract_model
@@ -52,8 +52,8 @@ class Task:
 class LanguageModel:
     """A checkpoint restored onto the devices present, with the tokenizer it was trained with."""
 
-    def __init__(self, workdir: str | Path, step: int | None = None, batch_size: int = 8, max_length: int = 2048):
-        workdir = Path(workdir)
+    def __init__(self, workdir, step: int | None = None, batch_size: int = 8, max_length: int = 2048):
+        workdir = workdirs.path(workdir)
         if not (workdir / "checkpoints").is_dir():
             raise UserError(f"--workdir: {workdir} has no checkpoints; train first with train.py --workdir={workdir}")
         checkpoints = checkpoint.Checkpoints(workdir, create=False)
@@ -140,13 +140,13 @@ class LanguageModel:
         return outputs
 
 
-def load_workdir_tokenizer(workdir: Path, meta: dict):
+def load_workdir_tokenizer(workdir, meta: dict):
     """The tokenizer that train.py copied into the workdir, checked against the checkpoint."""
     paths = [p for p in (workdir / "tokenizer.json", workdir / "tokenizer.model") if p.exists()]
     if not paths or file_sha256(paths[0]) != meta["tokenizer_sha256"]:
         raise UserError(f"--workdir: {workdir} lacks the tokenizer its checkpoints were trained with "
                         "(tokenizer.json or tokenizer.model, written by train.py); copy it from the data folder")
-    return load_tokenizer(paths[0])
+    return load_tokenizer(workdirs.local_copy(paths[0]))
 
 
 def run(model: LanguageModel, data_dir: Path, limit: int | None, task: Task) -> dict:

@@ -1,0 +1,222 @@
+"""Pod tooling: dry runs for TPU slices and simulated CPU meshes, sweeps (local, interrupted and resumed;
+the TPU launcher's script), compare.py's table against the runs' own metrics, and workdirs in a bucket.
+(The SLURM launcher's script runs for real in test_trainer.py, where a 2-process run is compared with
+a 1-process one.)"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from fsspec.implementations.local import LocalFileSystem
+
+from configs.pretrain import get_config
+from helpers import ROOT, assert_user_error, xla_flags
+from mhc_jax import aot, checkpoint, compare, plots, sweep, topology, workdirs
+from mhc_jax import logging as runlog
+
+
+def dry_run(*args, devices=1):
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
+    return subprocess.run([sys.executable, "scripts/dry_run.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_debug_scales_fit_simulated_cpus_and_a_tpu_slice():
+    for args in (("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:8"),
+                 ("--config=configs/pretrain.py:mhc,moe_debug", "--topology=v5p-8", "--config.mesh.expert=2")):
+        result = dry_run(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["fits"] and 0 < report["total_per_device"] < report["memory_per_device"]
+        assert report["per_device"]["parameters"] > 0 and report["per_device"]["temporaries"] > 0
+        assert np.prod(list(report["mesh"].values())) == report["devices"] == (8 if "--topology=cpu:8" in args else 4)
+    assert report["mesh"]["expert"] == 2 and report["dtype"] == "bfloat16" and report["days"] > 0
+
+
+def test_a_config_too_large_for_the_chip_does_not_fit():
+    result = dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=v5e-1", "--config.train.batch_size=512",
+                     "--config.train.seq_len=4096")
+    assert result.returncode == 1, result.stderr
+    assert "DOES NOT FIT" in result.stdout
+
+
+def test_dry_run_bad_inputs():
+    assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=v5p-7"),
+                      "--topology: unknown topology 'v5p-7'", "v5p-8 ... v5p-2048")
+    assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--suggest"), "--suggest")
+    assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--mfu=2"), "--mfu")
+    assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:3"),
+                      "train.batch_size: 8", "= 3 devices")
+
+
+def test_suggest_bisects_to_the_smallest_slice_then_the_lightest_remat():
+    """The search with a stand-in for the compiler: a slice fits from 64 devices up, remat 'none' never."""
+    config = get_config("residual,1b")
+    tried = []
+
+    def compile_for(candidate, target):
+        tried.append((target.name, candidate.model.remat))
+        fits = target.devices >= 64 and candidate.model.remat != "none"
+        return {"topology": target.name, "mesh": dict(candidate.mesh), "remat": candidate.model.remat, "fits": fits}
+
+    result = aot.suggest(config, "v5p", 0.4, compile_for)
+    assert result["smallest"] == "v5p-128" and result["remat"] == "dots" and result["fits"]
+    assert result["mesh"]["fsdp"] * result["mesh"]["tensor"] == 64
+    assert len(tried) <= 6 and tried[-2:] == [("v5p-128", "dots"), ("v5p-128", "none")]
+
+
+def test_topology_names():
+    assert topology.parse("v5p-256").libtpu_name == "v5p:4x4x8" and topology.parse("v5p-256").devices == 128
+    assert topology.parse("v6e-64").libtpu_name == "v6e:8x8"
+    assert topology.parse("cpu:8").devices == 8
+    assert topology.tpu_names("v5p")[0] == "v5p-8" and topology.tpu_names("v5p")[-1] == "v5p-2048"
+
+
+SWEEP = ["--variants=residual,mhc", "--scales=debug", "--seeds=0,1", "--config.train.steps=30",
+         "--config.train.eval_every=15", "--config.train.diag_every=10", "--config.train.log_every=2",
+         "--config.train.checkpoint_every=10", "--config.log.progress=False"]
+
+
+def run_sweep(root, *args, wait=True):
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    command = [sys.executable, "scripts/sweep.py", f"--root={root}", *SWEEP, *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, default_data):
+    """2 variants x 2 seeds at debug: interrupted (SIGINT) during the first run, then the same command."""
+    root = tmp_path_factory.mktemp("sweep") / "debug-sweep"
+    data = f"--config.data.dir={default_data}"
+    process = run_sweep(root, data, wait=False)
+    metrics = root / "residual-debug-seed0" / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1 and "the same command resumes" in stderr, stderr
+    saved = checkpoint.Checkpoints(root / "residual-debug-seed0", create=False).steps()
+    assert saved and saved[0] < 30 and not (root / "mhc-debug-seed0").exists()
+    resumed = run_sweep(root, data)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "4 runs, 0 finished, 4 to run" in resumed.stdout
+    again = run_sweep(root, data)
+    assert again.returncode == 0 and "4 runs, 4 finished, 0 to run" in again.stdout
+    return root
+
+
+def test_a_local_sweep_resumes_and_compare_reports_its_runs_own_numbers(finished_sweep, tmp_path):
+    result = subprocess.run([sys.executable, "scripts/compare.py", str(finished_sweep)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "### debug" in result.stdout and "| mhc | 2 |" in result.stdout and "| residual | 2 |" in result.stdout
+    out = finished_sweep / "compare"
+    summary = json.loads((out / "summary.json").read_text())["debug"]
+    for variant in ("residual", "mhc"):
+        records = [[json.loads(line) for line in (finished_sweep / f"{variant}-debug-seed{seed}" / "metrics.jsonl")
+                    .read_text().splitlines()] for seed in (0, 1)]
+        evals = [[r["eval_loss"] for r in run if "eval_loss" in r][-1] for run in records]
+        assert summary[variant]["final_eval_loss"]["mean"] == pytest.approx(np.mean(evals), abs=1e-12)
+        assert summary[variant]["final_eval_loss"]["min"] == min(evals)
+        assert summary[variant]["max_amax_forward"]["max"] == max(r["amax_forward"] for run in records for r in run
+                                                                 if "amax_forward" in r)
+        assert summary[variant]["tokens_seen"]["mean"] == 30 * 8 * 64
+        assert [r["loss"] for r in records[0]][-1] < [r["loss"] for r in records[0]][0] - 1.0
+    gap = summary["mhc"]["eval_loss_minus_residual"]
+    assert gap == pytest.approx(summary["mhc"]["final_eval_loss"]["mean"] - summary["residual"]["final_eval_loss"]["mean"])
+    assert all((out / name).stat().st_size > 1000 for name in ("loss_vs_tokens.png", "amax.png", "scaling.png"))
+
+
+def test_compare_refuses_runs_on_other_data(finished_sweep, tmp_path):
+    other = tmp_path / "other"
+    (other / "run").mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl"):
+        (other / "run" / name).write_bytes((finished_sweep / "mhc-debug-seed0" / name).read_bytes())
+    (other / "run" / "data.json").write_text(json.dumps({"dir": "elsewhere", "fingerprint": "0", "tokenizer_sha256": "1"}))
+    result = subprocess.run([sys.executable, "scripts/compare.py", str(finished_sweep), str(other),
+                             f"--out={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_user_error(result, "different tokenizers", "compare runs on the same data only")
+
+
+def test_the_tpu_launchers_script_matches_its_recording(tmp_path):
+    runs = sweep.grid(["residual", "mhc"], ["debug"], [0], ["--config.train.steps=30"], group="paper")
+    script = sweep.tpu_script(runs, "gs://bucket/sweeps/paper", "my-v5p", "us-east5-a", "mhc-jax", "python3")
+    assert script == (ROOT / "tests/expected/tpu_sweep.sh").read_text()
+    (tmp_path / "tpu.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "tpu.sh")]).returncode == 0
+
+
+def test_sweep_bad_inputs(tmp_path):
+    assert_user_error(run_sweep(tmp_path / "s", "--launcher=tpu", "--tpu_name=a", "--tpu_zone=b"),
+                      "--root:", "use a bucket")
+    assert_user_error(run_sweep(tmp_path / "s", "--variants=resnet"), "--variants: resnet")
+    assert_user_error(run_sweep(tmp_path / "s", "--config.train.nope=1"), "--config.train.nope", "no config field")
+    assert_user_error(run_sweep("gs://bucket/sweep", "--launcher=print"), "--root: cannot reach gs://bucket/sweep",
+                      "gcsfs")
+
+
+class LocalBucket(LocalFileSystem):
+    """gs://BUCKET/... kept in a local folder: the bucket filesystem epath (and so orbax) would use."""
+    protocol = ("gs", "gcs")
+    folder = ""
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path).removeprefix("gs://")
+        return path if path.startswith(cls.folder) else os.path.join(cls.folder, path.lstrip("/"))
+
+    def glob(self, path, **kwargs):
+        return [os.path.relpath(p, self.folder) for p in super().glob(path, **kwargs)]
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    monkeypatch.setattr(LocalBucket, "folder", str(tmp_path / "bucket-store"))
+    for name in LocalBucket.protocol:
+        fsspec.register_implementation(name, LocalBucket, clobber=True)
+    yield Path(LocalBucket.folder)
+    from etils.epath import backend
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_a_bucket_workdir_is_never_made_local(bucket, monkeypatch):
+    """The same code as for local workdirs, on gs:// paths: nothing lands in a local gs:/ folder."""
+    assert str(workdirs.path("gs://b/run") / "checkpoints") == "gs://b/run/checkpoints"
+    handed = []  # what orbax is given (its own GCS client is not installed here)
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", lambda directory, **kwargs: handed.append(str(directory)))
+    checkpoint.Checkpoints("gs://b/run")
+    assert handed == ["gs://b/run/checkpoints"]
+    run = sweep.grid(["mhc"], ["debug"], [0], [], group="g")[0]
+    assert f"--workdir=gs://b/sweep/{run.name}" in sweep.train_command(run, "gs://b/sweep")
+    assert not sweep.finished("gs://b/sweep", run)
+    config, workdir = get_config("mhc,debug"), workdirs.path(f"gs://b/sweep/{run.name}")
+    workdir.mkdir(parents=True)  # as train.py does
+    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
+    (workdir / "data.json").write_text(json.dumps({"dir": "data/default", "fingerprint": "f", "tokenizer_sha256": "t"}))
+    log = runlog.RunLog(str(workdir), config, start_step=0)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 4.0 / step, "eval_loss": 5.0 / step, "amax_forward": 1.0, "amax_backward": 1.0})
+    log.close()
+    stored = bucket / "b/sweep" / run.name
+    assert (stored / "metrics.jsonl").read_text().count("\n") == 3  # rewritten whole, nothing lost to 'append'
+    runlog.RunLog(str(workdir), config, start_step=2).close()  # a resume drops what came after its checkpoint
+    assert [json.loads(line)["step"] for line in (stored / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    runs = compare.find_runs(["gs://b/sweep"])
+    assert [r.name for r in runs] == [run.name] and runs[0].summary()["final_eval_loss"] == 2.5
+    plots.plot_run(str(workdir))
+    assert (stored / "run.png").stat().st_size > 1000
+    assert not Path("gs:").exists() and not Path(tempfile.gettempdir(), "gs:").exists()
