@@ -31,7 +31,7 @@ MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "prompts are cut to their 
 
 
 def main(argv):
-    cli.expect(argv, {WORKDIR: "runs/mhc-10m"})
+    cli.expect(argv, (WORKDIR, "runs/mhc-10m"))
     workdirs.check_reachable(WORKDIR.value, "--workdir")
     unknown = [name for name in TASK_NAMES.value if name not in TASKS]
     if unknown:

@@ -26,7 +26,7 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .
 
 
 def main(argv):
-    cli.expect(argv, {WORKDIR: "runs/mhc-10m"})
+    cli.expect(argv, (WORKDIR, "runs/mhc-10m"))
     config = cli.load_config(CONFIG)
     workdirs.check_reachable(WORKDIR.value, "--workdir")
     if DISTRIBUTED.value or (NUM_PROCESSES.value or 1) > 1:

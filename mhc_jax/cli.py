@@ -22,11 +22,11 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def expect(argv: list[str], required: dict | None = None) -> None:
-    """No positional arguments, and every flag in `required` ({FlagHolder: example value}) given."""
+def expect(argv: list[str], *required: tuple[flags.FlagHolder, str]) -> None:
+    """No positional arguments, and every (flag, example value) in `required` given."""
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; see --help")
-    for flag, example in (required or {}).items():
+    for flag, example in required:
         if not flag.value:
             fail(f"--{flag.name}: required, e.g. --{flag.name}={example}")
 

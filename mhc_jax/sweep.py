@@ -156,9 +156,10 @@ def tpu_script(runs: list[Run], root: str, tpu: str, zone: str, remote_dir: str,
 
 
 def slurm_script(run: Run, root: str, nodes: int, gpus_per_node: int, log_dir: str, extra: list[str]) -> str:
-    """An sbatch script for one run: one process per node owning its GPUs, started by srun; JAX
-    reads SLURM's environment for the process count, the process index and the coordinator."""
-    directives = [f"--job-name={run.name}", f"--nodes={nodes}", "--ntasks-per-node=1",
+    """An sbatch script for one run: one process per GPU (one per node without GPUs), started by srun.
+    JAX reads SLURM's environment for the process count, the process index, the coordinator (the
+    first node) and, from the task's local rank, the GPU each process takes."""
+    directives = [f"--job-name={run.name}", f"--nodes={nodes}", f"--ntasks-per-node={max(gpus_per_node, 1)}",
                   *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node else []),
                   f"--output={log_dir}/{run.name}-%j.log", *extra]
     return "\n".join(["#!/usr/bin/env bash", *(f"#SBATCH {d}" for d in directives),

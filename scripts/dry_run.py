@@ -81,7 +81,7 @@ def print_suggestion(spec: str, s: dict) -> None:
 
 
 def main(argv):
-    cli.expect(argv, {TOPOLOGY: "v5p-256"})
+    cli.expect(argv, (TOPOLOGY, "v5p-256"))
     config = cli.load_config(CONFIG)
     target = topology.parse(TOPOLOGY.value)
     aot.check_mfu(MFU.value)

@@ -391,7 +391,7 @@ def fetch(out: Path) -> dict:
 
 
 def main(argv):
-    cli.expect(argv, {OUT: "data/eval"})
+    cli.expect(argv, (OUT, "data/eval"))
     out = Path(OUT.value).resolve()
     check_out(out, OVERWRITE.value)
     start = time.time()

@@ -32,7 +32,7 @@ OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a folder that holds a
 
 
 def main(argv):
-    cli.expect(argv, {OUT: "data/default"})
+    cli.expect(argv, (OUT, "data/default"))
     recipe = prepare.Recipe(sources=tuple(SOURCE.value), tokenizer=TOKENIZER.value, vocab_size=VOCAB_SIZE.value,
                             val_fraction=VAL_FRACTION.value, text_field=TEXT_FIELD.value)
     command = shlex.join(["python", "scripts/prepare_data.py", *sys.argv[1:]])

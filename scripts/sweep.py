@@ -92,7 +92,7 @@ def write_script(folder: str, name: str, text: str) -> str:
 
 
 def main(argv):
-    cli.expect(argv, {SWEEP_ROOT: "runs/sweep"})
+    cli.expect(argv, (SWEEP_ROOT, "runs/sweep"))
     root = SWEEP_ROOT.value
     workdirs.check_reachable(root, "--root")
     group = GROUP.value or workdirs.path(root).name

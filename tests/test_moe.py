@@ -111,7 +111,8 @@ def mesh_of(sizes):
     return jax.make_mesh(sizes, sharding.MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
-@pytest.mark.parametrize("variant", ["residual", "hc", "hc_static", "mhc"])
+# The expert dispatch does not depend on the residual connection: one stream and four suffice.
+@pytest.mark.parametrize("variant", ["residual", "mhc"])
 def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device(variant):
     """The same parameters and batch on one device and on 8 with expert = 4 (x fsdp = 2) and = 8."""
     config = get_config(f"{variant},moe_debug")

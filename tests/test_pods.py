@@ -80,9 +80,9 @@ def test_topology_names():
     assert topology.tpu_names("v5p")[0] == "v5p-8" and topology.tpu_names("v5p")[-1] == "v5p-2048"
 
 
-SWEEP = ["--variants=residual,mhc", "--scales=debug", "--seeds=0,1", "--config.train.steps=30",
-         "--config.train.eval_every=15", "--config.train.diag_every=10", "--config.train.log_every=2",
-         "--config.train.checkpoint_every=10", "--config.log.progress=False"]
+SWEEP = ["--variants=residual,mhc", "--scales=debug", "--seeds=0,1", "--config.train.steps=24",
+         "--config.train.eval_every=12", "--config.train.diag_every=8", "--config.train.log_every=2",
+         "--config.train.checkpoint_every=8", "--config.log.progress=False"]
 
 
 def run_sweep(root, *args, wait=True):
@@ -107,7 +107,7 @@ def finished_sweep(tmp_path_factory, default_data):
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1 and "the same command resumes" in stderr, stderr
     saved = checkpoint.Checkpoints(root / "residual-debug-seed0", create=False).steps()
-    assert saved and saved[0] < 30 and not (root / "mhc-debug-seed0").exists()
+    assert saved and saved[0] < 24 and not (root / "mhc-debug-seed0").exists()
     resumed = run_sweep(root, data)
     assert resumed.returncode == 0, resumed.stderr
     assert "4 runs, 0 finished, 4 to run" in resumed.stdout
@@ -131,7 +131,7 @@ def test_a_local_sweep_resumes_and_compare_reports_its_runs_own_numbers(finished
         assert summary[variant]["final_eval_loss"]["min"] == min(evals)
         assert summary[variant]["max_amax_forward"]["max"] == max(r["amax_forward"] for run in records for r in run
                                                                  if "amax_forward" in r)
-        assert summary[variant]["tokens_seen"]["mean"] == 30 * 8 * 64
+        assert summary[variant]["tokens_seen"]["mean"] == 24 * 8 * 64
         assert [r["loss"] for r in records[0]][-1] < [r["loss"] for r in records[0]][0] - 1.0
     gap = summary["mhc"]["eval_loss_minus_residual"]
     assert gap == pytest.approx(summary["mhc"]["final_eval_loss"]["mean"] - summary["residual"]["final_eval_loss"]["mean"])

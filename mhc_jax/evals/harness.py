@@ -179,4 +179,4 @@ def write_results(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".partial")
     temporary.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    temporary.rename(path)
+    temporary.replace(path)
