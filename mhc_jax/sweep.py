@@ -39,10 +39,13 @@ class Run:
     def name(self) -> str:
         return f"{self.variant}-{self.scale}-seed{self.seed}"
 
+    @property
+    def config_flag(self) -> str:
+        return f"--config={CONFIG_FILE}:{self.variant},{self.scale}"
+
     def train_args(self, root: str) -> list[str]:
         """train.py's arguments (after the script), relative to the repository root."""
-        return [f"--config={CONFIG_FILE}:{self.variant},{self.scale}", f"--workdir={workdir(root, self)}",
-                *self.overrides]
+        return [self.config_flag, f"--workdir={workdir(root, self)}", *self.overrides]
 
 
 def workdir(root: str, run: Run) -> str:

@@ -62,11 +62,11 @@ def grid_from_flags() -> tuple[list[str], list[str], list[int], list[str]]:
 
 
 def check_fits(runs, topology: str) -> None:
-    """scripts/dry_run.py for every run; UserError-free refusal (exit 1) when one does not fit."""
+    """scripts/dry_run.py for every run; the sweep is refused (exit 1) when one does not fit."""
     refused = []
     for run in runs:
         result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/dry_run.py"), f"--topology={topology}",
-                                 "--json", *run.train_args(SWEEP_ROOT.value)[:1], *run.overrides],
+                                 "--json", run.config_flag, *run.overrides],
                                 capture_output=True, text=True, cwd=ROOT)
         if result.returncode == 2:
             raise UserError(f"--dry_run_topology: {run.name}: {result.stderr.strip().splitlines()[-1]}")
