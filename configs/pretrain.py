@@ -45,6 +45,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return variant, scale
 
 
+def set_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+    """Makes `config` run `variant`'s residual connection, every other field unchanged."""
+    config.model.residual, config.model.n_streams = VARIANTS[variant]
+    config.model.hc.dynamic = variant != "hc_static"
+
+
 def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     variant, scale = parse_spec(spec)
     residual, n_streams = VARIANTS[variant]
@@ -67,7 +73,8 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     m.norm_eps = 1e-6  # RMSNorm epsilon, everywhere in the model
     m.dtype = "auto"  # compute dtype of activations: 'auto' is bfloat16 on GPU/TPU, float32 on CPU; params stay float32
     m.scan_layers = True  # lax.scan over the stacked blocks: compile time independent of depth
-    m.remat = shape["remat"]  # per-block rematerialization: 'none', 'full' (keep only the stream) or 'dots'
+    m.remat = shape["remat"]  # per-block rematerialization: 'none', 'full' (keep the stream and the HC/mHC coefficients) or 'dots'
+    m.site_impl = "fast"  # HC/mHC sites: 'fast' (fused passes over the stream) or 'reference' (the plain math, for checks)
 
     mla = m.mla = ml_collections.ConfigDict()  # multi-head latent attention (DeepSeek-V2/V3), attention='mla'
     mla_shape = shape.get("mla", PAPER_MLA)

@@ -22,10 +22,12 @@ from mhc_jax.layers import Embedding, RMSNorm, SwiGLU, normal, param
 from mhc_jax.moe import MoE, RouterStats
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAVE_COEFFICIENTS = jax.checkpoint_policies.save_only_these_names(residual.COEFFICIENTS)
 REMAT_POLICIES = {
     "none": None,  # save every activation of the block
-    "full": jax.checkpoint_policies.nothing_saveable,  # save only the stream between blocks
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # save matmul outputs
+    "full": SAVE_COEFFICIENTS,  # save only the stream between blocks and the sites' per-token coefficients
+    "dots": jax.checkpoint_policies.save_from_both_policies(  # and the matmul outputs
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, SAVE_COEFFICIENTS),
 }
 
 

@@ -18,15 +18,20 @@ and returns the maps it used (`SiteMaps`) so diagnostics read them without recom
                H_res = Sinkhorn-Knopp projection onto the doubly stochastic matrices.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mhc_jax.errors import UserError
 from mhc_jax.layers import RMSNorm, normal, param, rms_normalize
+
+COEFFICIENTS = "site_coefficients"  # checkpoint_name of the per-token H_pre, H_post, H_res
+IMPLEMENTATIONS = ("fast", "reference")  # model.site_impl
 
 
 class SiteMaps(NamedTuple):
@@ -43,31 +48,89 @@ def reduce(x_BTNC: jax.Array) -> jax.Array:
     return x_BTNC.sum(axis=2)
 
 
-def apply_maps(x_BTNC: jax.Array, maps: SiteMaps, branch) -> jax.Array:
-    """One site's update, the mixing done in float32 so that row sums of H_res stay exact."""
-    x32_BTNC = x_BTNC.astype(jnp.float32)
-    u_BTC = jnp.einsum("btn,btnc->btc", maps.pre, x32_BTNC).astype(x_BTNC.dtype)
+def apply_maps(x_BTNC: jax.Array, maps: SiteMaps, branch, fast: bool) -> jax.Array:
+    """One site's update, accumulated in float32 so that row sums of H_res stay exact. The fast form
+    makes one pass that reads u from the stream and one that writes x' (the mHC paper's section
+    4.3.1): each is an elementwise sum over the n streams, which XLA fuses into one loop, where the
+    reference's einsums become per-token n x n matrix products over float32 copies of the stream."""
+    if not fast:
+        x32_BTNC = x_BTNC.astype(jnp.float32)
+        u_BTC = jnp.einsum("btn,btnc->btc", maps.pre, x32_BTNC).astype(x_BTNC.dtype)
+        y_BTC = branch(u_BTC).astype(jnp.float32)
+        mixed_BTNC = jnp.einsum("btij,btjc->btic", maps.res, x32_BTNC)
+        return (mixed_BTNC + maps.post[..., None] * y_BTC[:, :, None, :]).astype(x_BTNC.dtype)
+    n = x_BTNC.shape[2]
+    streams = [x_BTNC[:, :, j, :].astype(jnp.float32) for j in range(n)]
+    u_BTC = sum(maps.pre[..., j, None] * streams[j] for j in range(n)).astype(x_BTNC.dtype)
     y_BTC = branch(u_BTC).astype(jnp.float32)
-    mixed_BTNC = jnp.einsum("btij,btjc->btic", maps.res, x32_BTNC)
-    return (mixed_BTNC + maps.post[..., None] * y_BTC[:, :, None, :]).astype(x_BTNC.dtype)
+    rows = [sum(maps.res[..., i, j, None] * streams[j] for j in range(n)) + maps.post[..., i, None] * y_BTC
+            for i in range(n)]
+    return jnp.stack(rows, axis=2).astype(x_BTNC.dtype)
 
 
-def sinkhorn(logits: jax.Array, iters: int) -> jax.Array:
+def normalized_projection(x_BTK: jax.Array, w_KP: jax.Array, eps: float, fast: bool) -> jax.Array:
+    """rms_normalize(x) @ w. The fast form divides by the RMS after the projection (the paper's
+    "dividing-by-norm after the matrix multiplication"), so no normalized copy of x is written."""
+    if not fast:
+        return rms_normalize(x_BTK, eps) @ w_KP
+    return (x_BTK @ w_KP) * jax.lax.rsqrt(jnp.mean(jnp.square(x_BTK), axis=-1, keepdims=True) + eps)
+
+
+def sinkhorn(logits: jax.Array, iters: int, fast: bool) -> jax.Array:
     """Sinkhorn-Knopp on exp(logits) [..., n, n]: `iters` rounds of T_c (columns sum to 1) then
     T_r (rows sum to 1), the paper's Eq. 9. Rows are exact; columns carry the truncation error.
 
-    Runs in the log domain (each normalization is a max-shifted logsumexp), which is the same
-    arithmetic as dividing by sums but cannot underflow to 0/0 for logits far apart (e.g. +-50).
+    The reference runs every round in the log domain (max-shifted logsumexps), which cannot underflow
+    to 0/0 for logits far apart (e.g. +-50). The fast form runs only the first round there: after it
+    every row and column holds an entry >= 1/n^2, so the other rounds divide by sums that cannot
+    vanish and run in the linear domain, unrolled (no loop for XLA to step through), on [n, n, tokens]
+    so that every sum adds whole slabs; its backward recomputes the rounds from the logits instead of
+    saving 2 * iters matrices per token.
     """
-    z = logits.astype(jnp.float32)
+    return _sinkhorn_fast(logits, iters) if fast else _sinkhorn_log_domain(logits, iters)
 
+
+def _sinkhorn_log_domain(logits: jax.Array, iters: int) -> jax.Array:
     def normalize(z, _):
         z = z - jax.nn.logsumexp(z, axis=-2, keepdims=True)  # T_c
         z = z - jax.nn.logsumexp(z, axis=-1, keepdims=True)  # T_r
         return z, None
 
-    z, _ = jax.lax.scan(normalize, z, length=iters)
+    z, _ = jax.lax.scan(normalize, logits.astype(jnp.float32), length=iters)
     return jnp.exp(z)
+
+
+def _sinkhorn_unrolled(logits: jax.Array, iters: int) -> jax.Array:
+    z_NNX = jnp.moveaxis(logits.astype(jnp.float32), (-2, -1), (0, 1))  # sums over n run over whole slabs
+    z_NNX = z_NNX - jax.nn.logsumexp(z_NNX, axis=0, keepdims=True)  # T_c
+    m_NNX = jnp.exp(z_NNX - jax.nn.logsumexp(z_NNX, axis=1, keepdims=True))  # T_r
+    for _ in range(iters - 1):
+        m_NNX = m_NNX / m_NNX.sum(axis=0, keepdims=True)  # T_c
+        m_NNX = m_NNX / m_NNX.sum(axis=1, keepdims=True)  # T_r
+    return jnp.moveaxis(m_NNX, (0, 1), (-2, -1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sinkhorn_fast(logits: jax.Array, iters: int) -> jax.Array:
+    return _sinkhorn_unrolled(logits, iters)
+
+
+def _sinkhorn_fast_forward(logits, iters):
+    return _sinkhorn_unrolled(logits, iters), logits
+
+
+def _sinkhorn_fast_backward(iters, logits, grad):
+    _, pullback = jax.vjp(lambda z: _sinkhorn_unrolled(z, iters), logits)
+    return pullback(grad)
+
+
+_sinkhorn_fast.defvjp(_sinkhorn_fast_forward, _sinkhorn_fast_backward)
+
+
+def coefficients(per_token: jax.Array) -> jax.Array:
+    """Marks a site's per-token coefficients (a few numbers per token, where the stream holds n * C)
+    so that the remat policies save them instead of recomputing the path that made them."""
+    return checkpoint_name(per_token, COEFFICIENTS)
 
 
 def _broadcast_maps(x_BTNC: jax.Array, pre, post, res) -> SiteMaps:
@@ -102,6 +165,7 @@ class HyperConnection(nnx.Module):
         self.static_beta = param(jnp.ones((n,)), ("streams",), weight_decay=False)
         self.dynamic = cfg.hc.dynamic
         self.use_tanh = cfg.hc.use_tanh
+        self.fast = cfg.site_impl == "fast"
         if self.dynamic:  # each stream makes its own row of [A_m | A_r] and its own beta
             self.norm = RMSNorm(C, cfg.norm_eps)
             self.dynamic_alpha = param(jnp.zeros((C, n + 1)), ("embed", "coeff"))  # [W_m | W_r]
@@ -115,17 +179,19 @@ class HyperConnection(nnx.Module):
         beta = self.static_beta[...]
         if self.dynamic:
             squash = jnp.tanh if self.use_tanh else (lambda v: v)
-            xn_BTNC = self.norm(x_BTNC.astype(jnp.float32))
-            dyn_alpha_BTNK = squash(xn_BTNC @ self.dynamic_alpha[...])
-            dyn_beta_BTN = squash(xn_BTNC @ self.dynamic_beta[...])
-            alpha_m = alpha_m + self.alpha_scale[...] * dyn_alpha_BTNK[..., 0]
-            alpha_r = alpha_r + self.alpha_scale[...] * dyn_alpha_BTNK[..., 1:]
-            beta = beta + self.beta_scale[...] * dyn_beta_BTN
+            n = alpha_m.shape[0]
+            # [W_m | W_r | W_beta] in one projection, the RMSNorm gain folded into it
+            w_CK = jnp.concatenate([self.dynamic_alpha[...], self.dynamic_beta[...][:, None]], axis=-1)
+            w_CK = w_CK * self.norm.scale[...][:, None]
+            proj_BTNK = squash(normalized_projection(x_BTNC.astype(jnp.float32), w_CK, self.norm.eps, self.fast))
+            alpha_m = coefficients(alpha_m + self.alpha_scale[...] * proj_BTNK[..., 0])
+            alpha_r = coefficients(alpha_r + self.alpha_scale[...] * proj_BTNK[..., 1:n + 1])
+            beta = coefficients(beta + self.beta_scale[...] * proj_BTNK[..., n + 1])
         return _broadcast_maps(x_BTNC, alpha_m, beta, jnp.swapaxes(alpha_r, -1, -2))
 
     def __call__(self, x_BTNC: jax.Array, branch) -> tuple[jax.Array, SiteMaps]:
         maps = self.maps(x_BTNC)
-        return apply_maps(x_BTNC, maps, branch), maps
+        return apply_maps(x_BTNC, maps, branch, self.fast), maps
 
 
 class ManifoldHyperConnection(nnx.Module):
@@ -153,23 +219,25 @@ class ManifoldHyperConnection(nnx.Module):
         self.coeff_dtype = jnp.dtype(mhc.coeff_dtype)
         self.sinkhorn_iters = mhc.sinkhorn_iters
         self.use_pre, self.use_post, self.use_res = mhc.use_pre, mhc.use_post, mhc.use_res
+        self.fast = cfg.site_impl == "fast"
 
     def maps(self, x_BTNC: jax.Array) -> SiteMaps:
         B, T, n, C = x_BTNC.shape
-        x_BTK = rms_normalize(x_BTNC.reshape(B, T, n * C).astype(self.coeff_dtype), self.eps)
-        proj_BTP = (x_BTK @ self.phi[...].astype(self.coeff_dtype)).astype(jnp.float32)
+        x_BTK = x_BTNC.reshape(B, T, n * C).astype(self.coeff_dtype)
+        proj_BTP = normalized_projection(x_BTK, self.phi[...].astype(self.coeff_dtype), self.eps, self.fast)
+        proj_BTP = proj_BTP.astype(jnp.float32)
         a_pre, a_post, a_res = self.alpha[...]
         b_pre, b_post, b_res = jnp.split(self.bias[...], [n, 2 * n])
         p_pre, p_post, p_res = jnp.split(proj_BTP, [n, 2 * n], axis=-1)
-        pre = jax.nn.sigmoid(a_pre * p_pre + b_pre) if self.use_pre else jnp.full((n,), 1.0 / n)
-        post = 2.0 * jax.nn.sigmoid(a_post * p_post + b_post) if self.use_post else jnp.ones((n,))
+        pre = coefficients(jax.nn.sigmoid(a_pre * p_pre + b_pre)) if self.use_pre else jnp.full((n,), 1.0 / n)
+        post = coefficients(2.0 * jax.nn.sigmoid(a_post * p_post + b_post)) if self.use_post else jnp.ones((n,))
         res_logits = (a_res * p_res + b_res).reshape(B, T, n, n)
-        res = sinkhorn(res_logits, self.sinkhorn_iters) if self.use_res else jnp.eye(n)
+        res = coefficients(sinkhorn(res_logits, self.sinkhorn_iters, self.fast)) if self.use_res else jnp.eye(n)
         return _broadcast_maps(x_BTNC, pre, post, res)
 
     def __call__(self, x_BTNC: jax.Array, branch) -> tuple[jax.Array, SiteMaps]:
         maps = self.maps(x_BTNC)
-        return apply_maps(x_BTNC, maps, branch), maps
+        return apply_maps(x_BTNC, maps, branch, self.fast), maps
 
 
 SITES = {"residual": Residual, "hc": HyperConnection, "mhc": ManifoldHyperConnection}
@@ -208,6 +276,8 @@ def check_config(cfg) -> None:
     """Raises UserError for a model config that no residual connection here can run."""
     if cfg.residual not in SITES:
         raise UserError(f"model.residual: unknown {cfg.residual!r}; choose one of {', '.join(SITES)}")
+    if cfg.site_impl not in IMPLEMENTATIONS:
+        raise UserError(f"model.site_impl: unknown {cfg.site_impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
     n = cfg.n_streams
     if n < 1:
         raise UserError(f"model.n_streams: must be >= 1, got {n}")

@@ -27,7 +27,7 @@ from mhc_jax.errors import UserError
 from mhc_jax.model import Transformer, abstract_model, router_bias, with_router_bias
 
 DEFAULT_DATA_DIR = "data/default"  # prepared with the default recipe when it is missing
-COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers")  # model fields a resumed run may change
+COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl")  # model fields a resumed run may change
 
 
 class TrainingDiverged(Exception):

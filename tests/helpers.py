@@ -30,6 +30,14 @@ def make_model(variant: str, overrides: dict | None = None, seed: int = 0, scale
     return Transformer(debug_model_config(variant, overrides, scale), nnx.Rngs(seed))
 
 
+def randomize(module, scale=0.5, seed=0):
+    """Moves every parameter by random values, so that no coefficient is at a special point."""
+    variables = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(variables)))
+    for _, variable in variables:
+        variable[...] = variable[...] + scale * jax.random.normal(next(keys), variable.shape)
+
+
 def random_tokens(vocab_size: int, batch: int = 2, length: int = 16, seed: int = 1) -> jax.Array:
     return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 0, vocab_size)
 

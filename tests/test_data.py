@@ -144,16 +144,24 @@ def test_bad_pipeline_inputs(dataset, tmp_path):
 
 
 def test_bench_reports_every_variant_and_the_pipeline(dataset):
+    """scripts/bench.py's tiny mode: valid JSON with every field (no timing is asserted)."""
     out, _ = dataset
-    result = subprocess.run([sys.executable, "scripts/bench.py", f"--data_dir={out}", "--scale=debug",
-                             "--variants=residual,mhc", "--seq_len=32", "--steps=1", "--data_batches=20"],
-                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "scripts/bench.py", "--config=configs/pretrain.py:mhc,debug",
+                             f"--config.data.dir={out}", "--config.train.seq_len=32", "--variants=residual,mhc",
+                             "--steps=2", "--depths=1", "--profile", "--data_batches=20"],
+                            cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report["variants"]) == {"residual", "mhc"} and report["devices"] == 8
+    assert report["mesh"]["fsdp"] == 8 and report["overrides"][0] == f"--config.data.dir={out}"
     for timing in report["variants"].values():
         assert timing["tokens_per_sec"] == pytest.approx(8 * 32 / timing["step_seconds"], rel=0.01)
-        assert 0 < timing["mfu"] and timing["peak_memory_bytes"] > 0
+        assert timing["step_seconds_min"] <= timing["step_seconds"] <= timing["step_seconds_max"]
+        assert 0 < timing["mfu"] and timing["memory_bytes"] > 0 and timing["compile_seconds"] > 0
+        assert set(timing["compile_seconds_by_depth"]) == {"1"}
+        profile = timing["profile"]
+        assert sum(profile["by_source"].values()) == pytest.approx(profile["op_seconds"], rel=0.01, abs=1e-3)
+    assert any(source.startswith("residual.py:") for source in report["variants"]["mhc"]["profile"]["by_source"])
     assert report["variants"]["residual"]["step_time_vs_residual"] == 1.0
     fastest = max(timing["tokens_per_sec"] for timing in report["variants"].values())
     assert report["data_over_fastest_step"] == pytest.approx(report["data_tokens_per_sec"] / fastest, rel=0.01)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import debug_model_config, make_model, random_tokens, relative_error
+from helpers import debug_model_config, make_model, random_tokens, randomize, relative_error
 from mhc_jax import residual
 from test_sinkhorn import reference_sinkhorn
 
@@ -25,13 +25,6 @@ def random_streams(n=4, C=64, seed=0):
 def branch_fn(C=64):
     w = jax.random.normal(jax.random.PRNGKey(7), (C, C)) / C**0.5
     return lambda u: jnp.tanh(u @ w)
-
-
-def randomize(module, scale=0.5, seed=0):
-    """Replace every parameter with random values, so no coefficient is at a special point."""
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 64))
-    for _, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        variable[...] = variable[...] + scale * jax.random.normal(next(keys), variable.shape)
 
 
 def np_rms(x, eps=1e-6):

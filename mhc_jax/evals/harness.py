@@ -66,6 +66,7 @@ class LanguageModel:
         meta = checkpoints.read_meta(self.step)
         self.config = ml_collections.ConfigDict(meta["config"])
         self.config.model.moe.capacity_factor = 0.0  # evaluation never drops a token from its experts
+        self.config.model.site_impl = "fast"  # compile-only (and absent from checkpoints before it existed)
         self.tokenizer = load_workdir_tokenizer(workdir, meta)
         self.tokenizer_sha256 = meta["tokenizer_sha256"]
         mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
