@@ -47,8 +47,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def set_variant(config: ml_collections.ConfigDict, variant: str) -> None:
     """Makes `config` run `variant`'s residual connection, every other field unchanged."""
-    config.model.residual, config.model.n_streams = VARIANTS[variant]
-    config.model.hc.dynamic = variant != "hc_static"
+    model = config.model
+    model.residual, model.n_streams = VARIANTS[variant]
+    model.hc.dynamic = variant != "hc_static"
 
 
 def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
