@@ -7,7 +7,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mhc_jax import model
+from mhc_jax import host_memory, model
 from mhc_jax.errors import UserError
 
 
@@ -63,7 +63,9 @@ def _flag_error_line(error: flags.Error) -> str:
 
 
 def run(main) -> None:
-    """absl's app.run, with flag and user errors reported as one line and exit code 2."""
+    """absl's app.run, with flag and user errors reported as one line and exit code 2, in a process
+    whose freed host memory is reused (host_memory.py)."""
+    host_memory.reuse_freed_pages()
 
     def guarded(argv):
         if not flags.FLAGS["verbosity"].present:  # absl would log INFO; keep the console for the progress bar

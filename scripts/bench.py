@@ -14,6 +14,8 @@ per variant:
   CPU a measured float32 matmul peak, as peak_source says); compile_seconds (lower + compile);
   memory_bytes from XLA's memory analysis of the compiled step (arguments + temporaries + outputs
   not aliased), and at the top device_peak_bytes where the device reports it (the whole process);
+  host_page_faults_per_step and kernel_seconds_per_step (the process's, medians; a CPU step that
+  faults in its temporaries again pays for it in the kernel, see mhc_jax/host_memory.py);
   with --depths, compile_seconds at each depth (model.n_layers); with --profile, where the time
   of one traced step goes (mhc_jax/profile.py).
 And the data pipeline: data_tokens_per_sec and how many times the fastest step it outruns.
@@ -21,6 +23,7 @@ And the data pipeline: data_tokens_per_sec and how many times the fastest step i
 
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -59,13 +62,23 @@ class Contender:
         self.state = self.experiment.init_state()
         self.compiled, self.compile_seconds = compile_step(self.experiment, self.tokens)
         self.flops_per_step = runlog.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step
-        self.peak, self.seconds = peak, []
+        self.peak, self.seconds, self.page_faults, self.kernel_seconds = peak, [], [], []
 
     def step(self) -> float:
         start = time.perf_counter()
         self.state, metrics = self.compiled(self.state, self.tokens)
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
+
+    def timed_step(self) -> float:
+        """A step for the statistics: its time, and the process's page faults and kernel time."""
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = self.step()
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.seconds.append(seconds)
+        self.page_faults.append(after.ru_minflt - before.ru_minflt)
+        self.kernel_seconds.append(after.ru_stime - before.ru_stime)
+        return seconds
 
     def report(self, tokens_per_step: int) -> dict:
         memory = self.compiled.memory_analysis()
@@ -75,6 +88,8 @@ class Contender:
                 "tokens_per_sec": round(tokens_per_step / seconds, 1),
                 "mfu": round(self.flops_per_step / seconds / (self.peak * jax.device_count()), 4),
                 "compile_seconds": round(self.compile_seconds, 2),
+                "host_page_faults_per_step": int(statistics.median(self.page_faults)),
+                "kernel_seconds_per_step": round(statistics.median(self.kernel_seconds), 3),
                 "memory_bytes": int(memory.argument_size_in_bytes + memory.temp_size_in_bytes
                                     + memory.output_size_in_bytes - memory.alias_size_in_bytes)}
 
@@ -158,9 +173,8 @@ def main(argv):
         contender.step()  # the first call of a compiled step pays for buffer allocation
     ratios = {variant: [] for variant in contenders}
     for _ in range(STEPS.value):
-        round_seconds = {variant: contender.step() for variant, contender in contenders.items()}
+        round_seconds = {variant: contender.timed_step() for variant, contender in contenders.items()}
         for variant, seconds in round_seconds.items():
-            contenders[variant].seconds.append(seconds)
             if "residual" in round_seconds:
                 ratios[variant].append(seconds / round_seconds["residual"])
     variants = {variant: contender.report(tokens_per_step) for variant, contender in contenders.items()}

@@ -4,8 +4,8 @@ cache, the `variant` fixture and the fetched benchmark folder."""
 import os
 import tempfile
 
-# LLVM optimization off: compiling dominates this suite and takes about half as long, the steps of
-# its tiny models run a little slower; the numbers every test compares are computed alike.
+# LLVM optimization off in this process, where compiling dominates (the subprocesses that train
+# turn it back on: helpers.xla_flags). It changes speed, not results.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -61,3 +61,29 @@ def test_train_validates_its_config_the_same_way(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: model.n_streams: the residual variant has one stream, got 4; use hc or mhc for n > 1"]
     assert not any(tmp_path.iterdir())
+
+
+REFAULTS = """
+import ctypes, resource, sys
+sys.path.insert(0, ".")
+from mhc_jax import host_memory
+applied = sys.argv[1] == "reuse" and host_memory.reuse_freed_pages()
+libc, size = ctypes.CDLL(None), 256 << 20  # a block as large as a step's temporaries
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+faults = []
+for _ in range(2):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, faults[1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_freed_host_pages_are_reused():
+    """A freed block as large as a step's temporaries comes back without faulting its pages in again."""
+    plain, reused = (run_script("-c", REFAULTS, mode).stdout.split() for mode in ("plain", "reuse"))
+    assert plain[0] == "False" and int(plain[1]) > 50_000  # glibc unmaps it and maps it again
+    assert reused == ["True", "0"]

@@ -1,5 +1,5 @@
 """Sinkhorn-Knopp (mHC paper Eq. 9): the projection that keeps mHC's H_res doubly stochastic, in
-its fast form (one log-domain round, then unrolled divisions, backward by recomputation) and its
+its fast form (one log-domain round, then divisions in a loop, backward by recomputation) and its
 reference form (every round in the log domain)."""
 
 import jax
