@@ -134,6 +134,8 @@ def test_a_moe_run_logs_load_balance_and_resumes_after_sigterm_bit_for_bit(moe_r
                <= set(r) for r in lines)
     assert lines[-1]["router_bias_max"] > 0 > lines[-1]["router_bias_min"]
     assert lines[-1]["expert_load_min"] <= 1 <= lines[-1]["expert_load_max"] and "amax_forward" in lines[-1]
+    values = [l for _, l in losses(moe_run)]  # 10.85 -> 9.72 over the first and last 4 steps on our CPU
+    assert np.mean(values[-4:]) < np.mean(values[:4]) - 0.5, values
     process = run_train(tmp_path / "run", *MOE_RUN, variant="mhc", scale="moe_debug", data_dir=default_data,
                         wait=False)
     stop_with_sigterm(process, tmp_path / "run", after_lines=6)
@@ -208,10 +210,9 @@ def test_two_slurm_processes_train_like_one_through_the_sweeps_sbatch_script(str
     assert "6" in os.listdir(workdir / "checkpoints")
 
 
-# Every variant at debug (residual and mhc in test_pods.py's sweep), one stream and four at moe_debug
-# (the residual connection treats the MoE block like any other).
-@pytest.mark.parametrize("variant,scale", [("hc", "debug"), ("hc_static", "debug"), ("residual", "moe_debug"),
-                                           ("mhc", "moe_debug")])
+# Every variant at debug (residual and mhc in test_pods.py's sweep), one stream at moe_debug (four:
+# the moe_run below; the residual connection treats the MoE block like any other).
+@pytest.mark.parametrize("variant,scale", [("hc", "debug"), ("hc_static", "debug"), ("residual", "moe_debug")])
 def test_loss_decreases_on_the_default_corpus(default_data, tmp_path, variant, scale):
     result = run_train(tmp_path / "run", "--config.train.steps=40", "--config.train.log_every=1",
                        variant=variant, scale=scale, devices=1, data_dir=default_data)
