@@ -93,11 +93,11 @@ def assert_user_error(result, *fragments):
 ROOT = Path(__file__).parents[1]
 
 
-def xla_flags(devices: int) -> str:
-    """The session's XLA flags (conftest.py) for a train.py/eval.py subprocess with another simulated
-    device count, and LLVM optimization back on: those run tens of steps, which at level 0 take
-    about twice as long (the loss's exp alone 20x)."""
-    dropped = ("--xla_force_host_platform_device_count", "--xla_backend_optimization_level")
+def xla_flags(devices: int, optimized: bool = True) -> str:
+    """The session's XLA flags (conftest.py) for a subprocess with another simulated device count;
+    `optimized` turns LLVM optimization back on for one that runs tens of steps (at level 0 they
+    take about twice as long, the loss's exp alone 20x), not for one that mostly compiles."""
+    dropped = ("--xla_force_host_platform_device_count",) + (("--xla_backend_optimization_level",) if optimized else ())
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(dropped)]
     return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 

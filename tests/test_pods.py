@@ -24,7 +24,7 @@ from mhc_jax import logging as runlog
 
 
 def dry_run(*args, devices=1):
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices, optimized=False)}
     return subprocess.run([sys.executable, "scripts/dry_run.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 

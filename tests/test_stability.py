@@ -19,7 +19,7 @@ PLOTS = ("loss.png", "amax.png", "amax_per_site.png", "h_res.png")
 
 
 def run_study(out, *args, data_dir=None):
-    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1, optimized=False)}
     command = [sys.executable, "scripts/stability.py", f"--out={out}", "--config=configs/stability.py:debug",
                *([f"--config.data.dir={data_dir}"] if data_dir else []), *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
