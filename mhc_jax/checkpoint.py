@@ -1,61 +1,93 @@
-"""Orbax checkpoints under WORKDIR/checkpoints/<step>/: the train state, the data iterator's state and
-a JSON metadata record (the resolved config, the tokenizer, package versions).
+"""Orbax checkpoints under WORKDIR/checkpoints/<step>/: the train state and a JSON metadata record
+(the resolved config, the tokenizer, package versions, the step).
 
 Saves are asynchronous and committed atomically by orbax (a step directory appears only once
 complete). The state is restored into abstract arrays that carry the current run's shardings, so a
-checkpoint restores onto any mesh or device count. A checkpoint that cannot be read is skipped,
-with a warning, in favour of the one before it.
+checkpoint restores onto any mesh, device or process count; the data position is the step itself
+(data.py), so nothing else is needed to resume. A checkpoint that cannot be read is moved aside to
+<step>.damaged-<time> (kept for a post-mortem, out of the way of the next save of that step) and
+the one before it is used.
 """
 
 import logging
+import time
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from mhc_jax import workdirs
+from mhc_jax.errors import UserError
+
+# What reading a damaged or vanishing checkpoint raises: orbax and tensorstore raise many kinds, plain
+# Exception among them. A UserError (another experiment's checkpoint) is never one of these.
+UNREADABLE = Exception
 
 
 class Checkpoints:
     def __init__(self, workdir: str | epath.Path, keep: int | None = None, create: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create)
         self.directory = workdirs.path(workdir) / "checkpoints"
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data_iter", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
+        """The committed steps, newest first."""
         return sorted(self.manager.all_steps(), reverse=True)
 
-    def save(self, step: int, state, data_iterator: grain.DatasetIterator, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data_iter=grain.checkpoint.CheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(meta)), force=True)
+    def save(self, step: int, state, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore_latest(self, abstract_state, data_iterator: grain.DatasetIterator, check_meta):
-        """(step, state, meta) of the newest checkpoint that reads, or None when there is none.
-        `check_meta(meta)` may raise (a checkpoint of another experiment is not skipped); the state
-        is laid out as `abstract_state` says and `data_iterator` moves to where it was."""
+    def restore_latest(self, abstract_state, check_meta):
+        """(step, state, meta) of the newest checkpoint that reads, or None when there is none; the
+        unreadable ones newer than it are moved aside. `check_meta(meta)` may raise (a checkpoint of
+        another experiment is refused, not skipped); the state is laid out as `abstract_state` says."""
         for step in self.steps():
             try:
                 meta = self.read_meta(step)
-            except Exception as e:  # noqa: BLE001 (orbax raises many kinds for a damaged checkpoint)
-                logging.warning("checkpoint %s/%d: metadata unreadable (%s); trying the one before", self.directory, step, e)
+            except UNREADABLE as e:  # noqa: BLE001
+                self.set_aside(step, "metadata", e)
                 continue
             check_meta(meta)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data_iter=grain.checkpoint.CheckpointRestore(data_iterator)))
-            except Exception as e:  # noqa: BLE001
-                logging.warning("checkpoint %s/%d: state unreadable (%s); trying the one before", self.directory, step, e)
+                self.check_structure(step, self.manager.item_metadata(step)["state"], abstract_state)
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state))).state
+            except UserError:
+                raise
+            except UNREADABLE as e:  # noqa: BLE001
+                self.set_aside(step, "state", e)
                 continue
-            return step, restored.state, meta
+            return step, state, meta
         return None
+
+    def check_structure(self, step: int, saved, abstract_state) -> None:
+        """A readable checkpoint whose arrays are not the ones this run has was written by other code
+        or another optimizer: refused (UserError), never mistaken for a damaged one and moved aside."""
+        if saved is None:
+            raise KeyError("the state's tree metadata is missing")
+        missing, extra = leaf_paths(abstract_state) - leaf_paths(saved), leaf_paths(saved) - leaf_paths(abstract_state)
+        if missing or extra:
+            difference = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(extra)[0]}"
+            raise UserError(f"--workdir: {self.directory}/{step} holds a train state of another structure ({difference}; "
+                            f"{len(missing)} missing, {len(extra)} unexpected arrays): it was written by other code; "
+                            "use another --workdir or the code that wrote it")
+
+    def set_aside(self, step: int, item: str, error: Exception) -> None:
+        """Renames an unreadable step to <step>.damaged-<time>, where orbax no longer sees it."""
+        damaged = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        logging.warning("checkpoint %s/%d: %s unreadable (%s: %s); moved to %s, trying the one before",
+                        self.directory, step, item, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
+                        damaged.name)
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(damaged)
+        multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+        self.manager.reload()
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
@@ -64,9 +96,16 @@ class Checkpoints:
         """Only the model parameters of `step` (not the optimizer state), laid out as given."""
         item = {"params": abstract_params}
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)))
-        return restored.state["params"]
+        with ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
+        return restored["params"]
 
     def close(self) -> None:
         self.manager.close()
+
+
+def leaf_paths(tree) -> set[str]:
+    """'opt/1/0/mu/blocks/attn/wq'-style names of a pytree's leaves (dict keys, indices, attributes)."""
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -1,13 +1,15 @@
 """Command-line plumbing shared by train.py, eval.py and scripts/: the --config flag and the
 user-error contract (one line on stderr naming the field or file and the fix, exit code 2)."""
 
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mhc_jax import host_memory, model
+from configs import pretrain
+from mhc_jax import host_memory
 from mhc_jax.errors import UserError
 
 
@@ -36,8 +38,32 @@ def _parse_flags(argv):
         return flags.FLAGS(argv)
     except UserError as e:
         fail(str(e))
+    except OSError:  # config_flags reads the config file while applying --config.* overrides
+        fail(config_file_error(argv).args[0])
     except OVERRIDE_ERRORS as e:
         fail(override_error_line(e, argv))
+
+
+def config_file_error(argv: list[str]) -> UserError:
+    given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    return UserError(f"--config: cannot read the config file {given.split(':')[0]!r}; "
+                     "expected e.g. --config=configs/pretrain.py:mhc,debug")
+
+
+def path_error_line(error: OSError) -> str:
+    """One line for a file or folder that could not be created, read or written, naming the flag
+    whose path holds it (or is it, or lies beside it)."""
+    where, holders = os.path.abspath(error.filename), []
+    for name in flags.FLAGS:
+        value = flags.FLAGS[name].value
+        if isinstance(value, str) and value and "://" not in value:
+            path = os.path.abspath(value)
+            related = (where == path or where.startswith(path + os.sep) or path.startswith(where + os.sep)
+                       or os.path.dirname(where) == os.path.dirname(path))  # or a temporary name beside it
+            if related:
+                holders.append((len(path), f"--{name}"))
+    flag = max(holders)[1] + ": " if holders else ""
+    return f"{flag}cannot use {error.filename} ({error.strerror or type(error).__name__}); give a path that can be created and written"
 
 
 OVERRIDE_ERRORS = (flags.Error, AttributeError, KeyError)  # ml_collections: a bad or unknown --config.a.b
@@ -74,6 +100,10 @@ def run(main) -> None:
             return main(argv)
         except UserError as e:
             fail(str(e))
+        except OSError as e:
+            if e.filename is None:
+                raise
+            fail(path_error_line(e))
 
     app.run(guarded, flags_parser=_parse_flags)
 
@@ -83,16 +113,16 @@ def config_spec(config_flag: flags.FlagHolder) -> str:
     return config_flags.get_config_filename(flags.FLAGS[config_flag.name]).partition(":")[2]
 
 
-def load_config(config_flag: flags.FlagHolder):
-    """The --config ConfigDict with overrides applied, checked; UserError if it cannot work."""
+def load_config(config_flag: flags.FlagHolder, runnable=lambda config: config):
+    """The --config ConfigDict with overrides applied, every field validated (configs/pretrain.py's
+    FIELD_RULES); UserError if it cannot work. A config with placeholders (the stability study's
+    train.steps = 0) passes `runnable`, which makes the train config it stands for, to be validated."""
     config = config_flag.value
     if config is None:
         raise UserError("--config: required, e.g. --config=configs/pretrain.py:mhc,debug")
     try:
-        model_config = config.model
-    except OSError:  # config_flags reports an unreadable file on first access
-        path = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
-        raise UserError(f"--config: cannot read the config file {path!r}; "
-                        "expected e.g. --config=configs/pretrain.py:mhc,debug") from None
-    model.check_config(model_config)
+        config.model  # noqa: B018 (config_flags reads the file on first access)
+    except OSError:
+        raise config_file_error(sys.argv) from None
+    pretrain.validate(runnable(config))
     return config

@@ -9,7 +9,8 @@ Training order is a pure function of (seed, step, global batch size): the exampl
 globally (a new permutation each epoch), global batch k holds shuffled examples
 [k * G, (k + 1) * G), and process p of P reads only rows [p * G / P, (p + 1) * G / P) of it. So any
 number of processes sees the same global batches, and a pipeline started at step k yields what
-one iterated from step 0 yields at step k. The grain iterator's state can be checkpointed too.
+one iterated from step 0 yields at step k: a resumed run restarts its pipeline at the step it
+restored, on any number of processes.
 """
 
 import functools
@@ -119,8 +120,7 @@ def train_batches(data_dir: str | Path, manifest: dict, *, seq_len: int, global_
 def train_iterator(batches: grain.MapDataset, start_step: int = 0, prefetch: int = 4) -> grain.DatasetIterator:
     """An iterator over `batches` whose first element is batch `start_step`, read ahead by
     `prefetch` threads (worker processes are not needed: scripts/bench.py measures the threads at
-    thousands of times what a train step consumes). Its get_state() / set_state() (or
-    grain.checkpoint) save and restore the position as the index of the next batch."""
+    thousands of times what a train step consumes)."""
     iterator = iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)))
     if start_step:
         iterator.set_state({**iterator.get_state(), "next_index": start_step})

@@ -15,8 +15,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax import residual, sharding
-from mhc_jax.errors import UserError
-from mhc_jax.attention import KINDS as ATTENTION_KINDS
 from mhc_jax.attention import LayerCache, cache_shapes, make_attention
 from mhc_jax.layers import Embedding, RMSNorm, SwiGLU, normal, param
 from mhc_jax.moe import MoE, RouterStats
@@ -253,58 +251,3 @@ def param_counts(cfg) -> dict:
     return counts
 
 
-def check_config(cfg) -> None:
-    """Raises UserError naming the first field of the model config that cannot work."""
-    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
-        if cfg[field] < 1:
-            raise UserError(f"model.{field}: must be >= 1, got {cfg[field]}")
-    if cfg.attention not in ATTENTION_KINDS:
-        raise UserError(f"model.attention: unknown {cfg.attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
-    if cfg.attention == "mha":
-        check_multi_head(cfg)
-    else:
-        check_latent(cfg.mla)
-    if cfg.moe.n_experts:
-        check_moe(cfg.moe, cfg.n_layers)
-    elif cfg.moe.n_experts < 0:
-        raise UserError(f"model.moe.n_experts: must be >= 0 (0: a dense model), got {cfg.moe.n_experts}")
-    if cfg.remat not in REMAT_POLICIES:
-        raise UserError(f"model.remat: unknown {cfg.remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"model.dtype: unknown {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    residual.check_config(cfg)
-
-
-def check_multi_head(cfg) -> None:
-    if cfg.n_kv_heads < 1:
-        raise UserError(f"model.n_kv_heads: must be >= 1, got {cfg.n_kv_heads}")
-    if cfg.d_model % cfg.n_heads:
-        raise UserError(f"model.d_model: {cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
-    if (cfg.d_model // cfg.n_heads) % 2:
-        raise UserError(f"model.d_model: head_dim = d_model // n_heads = {cfg.d_model // cfg.n_heads} "
-                        "must be even for RoPE")
-    if cfg.n_heads % cfg.n_kv_heads:
-        raise UserError(f"model.n_kv_heads: {cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}")
-
-
-def check_latent(mla) -> None:
-    for field in ("kv_rank", "head_dim", "rope_dim"):
-        if mla[field] < 1:
-            raise UserError(f"model.mla.{field}: must be >= 1, got {mla[field]}")
-    if mla.rope_dim % 2:
-        raise UserError(f"model.mla.rope_dim: {mla.rope_dim} must be even for RoPE")
-
-
-def check_moe(moe, n_layers: int) -> None:
-    if not 1 <= moe.top_k <= moe.n_experts:
-        raise UserError(f"model.moe.top_k: {moe.top_k} must be between 1 and model.moe.n_experts={moe.n_experts}")
-    if moe.d_expert < 1:
-        raise UserError(f"model.moe.d_expert: must be >= 1, got {moe.d_expert}")
-    if moe.n_shared < 0:
-        raise UserError(f"model.moe.n_shared: must be >= 0, got {moe.n_shared}")
-    if not 0 <= moe.first_dense_layers < n_layers:
-        raise UserError(f"model.moe.first_dense_layers: {moe.first_dense_layers} must be between 0 and "
-                        f"model.n_layers - 1 = {n_layers - 1} (0 and n_experts = 0 for a dense model)")
-    if moe.bias_update_rate < 0 or moe.balance_loss_weight < 0:
-        raise UserError(f"model.moe: bias_update_rate ({moe.bias_update_rate}) and balance_loss_weight "
-                        f"({moe.balance_loss_weight}) must be >= 0")

@@ -27,11 +27,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mhc_jax.errors import UserError
 from mhc_jax.layers import RMSNorm, normal, param, rms_normalize
 
 COEFFICIENTS = "site_coefficients"  # checkpoint_name of the per-token H_pre, H_post, H_res
 IMPLEMENTATIONS = ("fast", "reference")  # model.site_impl
+COEFF_DTYPES = ("float32", "bfloat16")  # model.mhc.coeff_dtype
 
 
 class SiteMaps(NamedTuple):
@@ -273,23 +273,3 @@ def site_flops(cfg) -> int:
     if cfg.residual == "hc":
         return apply + (4 * n * C + 2 * n * C * (n + 2) if cfg.hc.dynamic else 0)
     return apply + 3 * n * C + 2 * n * C * (n * n + 2 * n) + 6 * n * n * cfg.mhc.sinkhorn_iters
-
-
-def check_config(cfg) -> None:
-    """Raises UserError for a model config that no residual connection here can run."""
-    if cfg.residual not in SITES:
-        raise UserError(f"model.residual: unknown {cfg.residual!r}; choose one of {', '.join(SITES)}")
-    if cfg.site_impl not in IMPLEMENTATIONS:
-        raise UserError(f"model.site_impl: unknown {cfg.site_impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
-    n = cfg.n_streams
-    if n < 1:
-        raise UserError(f"model.n_streams: must be >= 1, got {n}")
-    if cfg.residual == "residual" and n != 1:
-        raise UserError(f"model.n_streams: the residual variant has one stream, got {n}; use hc or mhc for n > 1")
-    if cfg.residual == "mhc":
-        if n < 2:
-            raise UserError(f"model.n_streams: mhc needs n >= 2 (n = 1 is the residual variant), got {n}")
-        if cfg.mhc.coeff_dtype not in ("float32", "bfloat16"):
-            raise UserError(f"model.mhc.coeff_dtype: unknown {cfg.mhc.coeff_dtype!r}; choose float32 or bfloat16")
-        if cfg.mhc.sinkhorn_iters < 1:
-            raise UserError(f"model.mhc.sinkhorn_iters: must be >= 1, got {cfg.mhc.sinkhorn_iters}")

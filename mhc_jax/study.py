@@ -63,6 +63,12 @@ def run_config(base, run: Run, steps: int):
     return config
 
 
+def example_run_config(base):
+    """A run config of the study, for validating `base` before any run: train.steps = 0 (set by the
+    budget) is a placeholder, so this one is MIN_STEPS long unless the steps are fixed."""
+    return run_config(base, Run("mhc", 0, 1.0), steps=base.train.steps or MIN_STEPS)
+
+
 @dataclasses.dataclass
 class StepTiming:
     first_step: float  # seconds of the first step, compiling included

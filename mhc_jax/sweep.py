@@ -19,9 +19,9 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from configs.pretrain import VARIANTS
+from configs.pretrain import VARIANTS, validate
 from configs.scales import SCALES
-from mhc_jax import checkpoint, cli, model, workdirs
+from mhc_jax import checkpoint, cli, workdirs
 from mhc_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +91,7 @@ def resolve_config(run: Run):
         config = values.config
     except cli.OVERRIDE_ERRORS as e:
         raise UserError(cli.override_error_line(e, argv)) from None
-    model.check_config(config.model)
+    validate(config)
     return config
 
 

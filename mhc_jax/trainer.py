@@ -9,7 +9,9 @@ model's structure lives in a graphdef outside it, so the jitted step is a pure f
 """
 
 import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -158,16 +160,39 @@ class Experiment:
 
 
 def open_data(config, vocab_overridden: bool) -> dict:
-    """The data manifest (preparing data/default on first use); sets model.vocab_size from it."""
+    """The data manifest (process 0 prepares data/default on first use), the same on every process;
+    sets model.vocab_size from it."""
     data_dir = Path(config.data.dir)
     if not (data_dir / "manifest.json").exists() and data_dir == Path(DEFAULT_DATA_DIR):
         if jax.process_index() == 0:
             print(f"preparing {data_dir} (first use; see scripts/prepare_data.py)", flush=True)
             prepare.prepare(data_dir, prepare.Recipe(), command="train.py, on first use of data/default")
         multihost_utils.sync_global_devices("default data prepared")
-    manifest = data.load_manifest(data_dir)
+    try:
+        manifest, problem = data.load_manifest(data_dir), None
+    except UserError as e:
+        manifest, problem = None, e
+    check_same_data_everywhere(data_dir, manifest, problem)
     config.model.vocab_size = data.resolve_vocab_size(config.model.vocab_size, manifest, vocab_overridden)
     return manifest
+
+
+def check_same_data_everywhere(data_dir: Path, manifest: dict | None, problem: UserError | None) -> None:
+    """Every process reads its own copy of the data folder: all must hold the same one, or all stop
+    with the same line (none trains on missing data or waits for one that stopped)."""
+    if jax.process_count() > 1:
+        digest = bytes.fromhex(data.fingerprint(manifest)) if manifest else bytes(32)
+        digests = multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))
+        lacking = [p for p in range(jax.process_count()) if not digests[p].any()]
+        if lacking:
+            raise UserError(f"data.dir: {data_dir} is missing or incomplete on process(es) {lacking} of "
+                            f"{jax.process_count()}; every host needs the same prepared folder: put it on a shared "
+                            "filesystem or run the same scripts/prepare_data.py command on each host")
+        if (digests != digests[0]).any():
+            raise UserError(f"data.dir: {data_dir} holds different data on different processes; prepare it once "
+                            "and share it, or run the same scripts/prepare_data.py command on each host")
+    if problem:
+        raise problem
 
 
 def check_mesh(config, mesh) -> None:
@@ -209,13 +234,20 @@ def checker(config, manifest, workdir):
 
 
 class StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops after the current step."""
+    """The first SIGTERM / SIGINT sets a flag: the loop saves a checkpoint and stops after the current
+    step. A later one stops the process at once (exit 128 + signal): a save it interrupts is never
+    committed (orbax writes a step under a temporary name and renames it when complete), so a resume
+    reads only whole checkpoints."""
 
     def __init__(self):
         self.requested = False
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(self, signum, frame):
+        if self.requested:
+            print(f"error: {signal.Signals(signum).name} again: stopped without finishing the checkpoint; the run "
+                  "resumes from its newest committed one", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
         self.requested = True
 
     def agreed(self) -> bool:
@@ -243,15 +275,15 @@ def train(config, workdir, vocab_overridden: bool = False) -> None:
                         f"(limit mesh.max_replicated={config.mesh.max_replicated}); check sharding.RULES")
     batches = data.train_batches(config.data.dir, manifest, seq_len=t.seq_len, global_batch_size=t.batch_size,
                                  seed=t.seed, process_index=jax.process_index(), process_count=jax.process_count())
-    iterator = data.train_iterator(batches)
     eval_batches = data.eval_batches(config.data.dir, manifest, seq_len=t.seq_len, global_batch_size=t.batch_size,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      max_batches=t.eval_batches or None)
     diag_tokens = experiment.global_batch(eval_batches[0])["tokens"]
     checkpoints = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
-    restored = checkpoints.restore_latest(experiment.abstract_state, iterator, checker(config, manifest, workdir))
+    restored = checkpoints.restore_latest(experiment.abstract_state, checker(config, manifest, workdir))
     state = experiment.init_state() if restored is None else restored[1]
     step = 0 if restored is None else restored[0]
+    iterator = data.train_iterator(batches, start_step=step)  # the data position is the step
     if jax.process_index() == 0:  # what eval.py and compare.py need besides the checkpoints
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
@@ -295,13 +327,13 @@ def train(config, workdir, vocab_overridden: bool = False) -> None:
             log.advance(record["loss"], record.get("tokens_per_sec", 0.0))
             preempted = stop.agreed()
             if step % t.checkpoint_every == 0 or step == stop_at or preempted:
-                checkpoints.save(step, state, iterator, {**meta, "step": step})
+                checkpoints.save(step, state, {**meta, "step": step})
             if preempted:
                 break
     finally:
-        stop.restore()
         checkpoints.wait()
         checkpoints.close()
         log.close()
+        stop.restore()
     if jax.process_index() == 0 and step == t.steps:
         plots.plot_run(workdir)

@@ -34,8 +34,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import flags  # noqa: E402
 
-from configs.pretrain import set_variant  # noqa: E402
-from mhc_jax import cli, data, model, profile, sharding, trainer  # noqa: E402
+from configs.pretrain import set_variant, validate  # noqa: E402
+from mhc_jax import cli, data, profile, sharding, trainer  # noqa: E402
 from mhc_jax import logging as runlog  # noqa: E402
 from mhc_jax.errors import UserError  # noqa: E402
 
@@ -111,7 +111,7 @@ def variant_configs(config, variants: list[str]) -> dict:
             raise UserError(f"--variants: unknown {variant!r}; choose from residual, hc, hc_static, mhc") from None
         if n_streams and variant != "residual":
             candidate.model.n_streams = n_streams
-        model.check_config(candidate.model)
+        validate(candidate)
         configs[variant] = candidate
     return configs
 

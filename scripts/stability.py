@@ -52,7 +52,7 @@ def main(argv):
     if stress_seeds and STRESS_LR_FACTOR.value in (0.0, 1.0):
         cli.fail(f"--stress_lr_factor: must differ from 0 and 1, got {STRESS_LR_FACTOR.value:g} "
                  "(or pass --stress_seeds='' for no stress runs)")
-    config = cli.load_config(CONFIG)
+    config = cli.load_config(CONFIG, runnable=study.example_run_config)
     vocab_overridden = "model.vocab_size" in config_flags.get_override_values(flags.FLAGS["config"])
     trainer.open_data(config, vocab_overridden)  # prepares data/default on first use
     runs = study.study_runs(seeds, stress_seeds, STRESS_LR_FACTOR.value)

@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices and fast compilation (set before jax loads), a compilation
-cache, the `variant` fixture and the fetched benchmark folder."""
+cache, the `variant` fixture, and the folders built once per session (shared by the xdist workers):
+the fetched benchmark folder and data/default."""
 
 import os
 import tempfile
@@ -15,7 +16,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import filelock  # noqa: E402
 import pytest  # noqa: E402
 
 from configs.pretrain import VARIANTS  # noqa: E402
@@ -28,19 +32,37 @@ def variant(request):
     return request.param
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, made by `build(folder)` once per test session: pytest-xdist's workers
+    (pytest.ini runs two) share it, the first builds it under a lock and the others wait for it."""
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the session's folder, above each worker's own
+    folder = base / name
+    with filelock.FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+def fetch_into(folder: Path) -> None:
+    result = run_fetch(f"--out={folder / 'data'}")
+    assert result.returncode == 0, result.stderr
+    (folder / "stdout.txt").write_text(result.stdout)
+
+
 @pytest.fixture(scope="session")
 def fetched_eval_data(tmp_path_factory):
-    """The benchmark folder of scripts/fetch_eval_data.py, built once per session: (folder, result)."""
-    out = tmp_path_factory.mktemp("eval") / "data"
-    result = run_fetch(f"--out={out}")
-    assert result.returncode == 0, result.stderr
-    return out, result
+    """The benchmark folder of scripts/fetch_eval_data.py, built once per session: (folder, its
+    run's output with .stdout)."""
+    folder = built_once(tmp_path_factory, "eval", fetch_into)
+    return folder / "data", types.SimpleNamespace(stdout=(folder / "stdout.txt").read_text())
 
 
-@pytest.fixture(scope="session")
-def default_data(tmp_path_factory):
+def prepare_on_first_use(cwd: Path) -> None:
     """The first-use path: train.py in a fresh folder prepares data/default itself, then trains."""
-    cwd = tmp_path_factory.mktemp("fresh")
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:hc,debug",
                              f"--workdir={cwd / 'run'}", "--config.log.progress=False", "--config.train.steps=2"],
                             cwd=cwd, env={**os.environ, "XLA_FLAGS": xla_flags(8)}, capture_output=True, text=True,
@@ -48,4 +70,9 @@ def default_data(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert "preparing data/default" in result.stdout
     assert data.load_manifest(cwd / "data/default")["splits"]["train"]["tokens"] > 5_000_000
-    return cwd / "data/default"
+
+
+@pytest.fixture(scope="session")
+def default_data(tmp_path_factory):
+    """data/default as train.py prepares it on first use (once per session)."""
+    return built_once(tmp_path_factory, "fresh", prepare_on_first_use) / "data/default"

@@ -3,8 +3,10 @@ the command-line tools."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -105,3 +107,44 @@ def xla_flags(devices: int, optimized: bool = True) -> str:
 def run_fetch(*args, env=None):
     return subprocess.run([sys.executable, "scripts/fetch_eval_data.py", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
+
+
+# train.py in a subprocess, as the trainer and failure tests run it.
+QUIET = ["--config.log.progress=False"]
+STRAIGHT = ["--config.train.steps=24", "--config.train.log_every=1", "--config.train.checkpoint_every=5"]
+
+
+def run_train(workdir, *overrides, variant="hc", scale="debug", devices=8, cwd=ROOT, extra=(), data_dir=None,
+              wait=True):
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
+    args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:{variant},{scale}",
+            f"--workdir={workdir}", *QUIET, *overrides, *extra]
+    if data_dir:
+        args.append(f"--config.data.dir={data_dir}")
+    if not wait:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def records(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(workdir):
+    return [(r["step"], r["loss"]) for r in records(workdir)]
+
+
+def wait_for_lines(process, workdir, lines: int) -> None:
+    """Until metrics.jsonl has `lines` lines (the process must still be running)."""
+    metrics = Path(workdir) / "metrics.jsonl"
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.1)
+
+
+def stop_with_sigterm(process, workdir, after_lines: int) -> None:
+    """SIGTERM once metrics.jsonl has `after_lines` lines; the process must then exit 0."""
+    wait_for_lines(process, workdir, after_lines)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr

@@ -41,12 +41,12 @@ def test_count_params_prints_one_json_object():
     (["--config=configs/pretrain.py:mhc,debug", "--config.model.no_such_field=1"], "--config.model.no_such_field"),
     (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_layers=two"], "--config.model.n_layers"),
     (["--config=configs/missing.py:mhc,debug"], "configs/missing.py"),
-    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.moe.top_k=9"], "model.moe.top_k: 9"),
+    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.moe.top_k=9"], "model.moe.top_k: got 9"),
     (["--config=configs/pretrain.py:mhc,27b", "--config.model.moe.first_dense_layers=30"],
      "model.moe.first_dense_layers"),
-    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.mla.rope_dim=7"], "model.mla.rope_dim: 7"),
+    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.mla.rope_dim=7"], "model.mla.rope_dim: got 7"),
     (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.mla.kv_rank=0"], "model.mla.kv_rank"),
-    (["--config=configs/pretrain.py:hc,debug", "--config.model.attention=gqa"], "model.attention: unknown 'gqa'"),
+    (["--config=configs/pretrain.py:hc,debug", "--config.model.attention=gqa"], "model.attention: got 'gqa'; must be one of mha, mla"),
 ])
 def test_bad_input_is_one_line_naming_the_field(args, field):
     result = run_script("scripts/count_params.py", *args)
@@ -54,13 +54,35 @@ def test_bad_input_is_one_line_naming_the_field(args, field):
     assert result.stdout == ""
 
 
-def test_train_validates_its_config_the_same_way(tmp_path):
-    result = run_script("train.py", "--config=configs/pretrain.py:residual,debug", f"--workdir={tmp_path}",
-                        "--config.model.n_streams=4")
+@pytest.mark.parametrize("override, line", [
+    ("--config.model.n_streams=4", "model.n_streams: got 4; the residual variant has one stream; "
+                                   "use model.residual=hc or mhc for more"),
+    ("--config.train.schedule=cosin", "train.schedule: got 'cosin'; must be one of step, cosine, wsd"),
+])
+def test_train_validates_its_config_before_writing(tmp_path, override, line):
+    result = run_script("train.py", "--config=configs/pretrain.py:residual,debug", f"--workdir={tmp_path / 'run'}",
+                        override)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: model.n_streams: the residual variant has one stream, got 4; use hc or mhc for n > 1"]
+    assert result.stderr.strip().splitlines() == [f"error: {line}"]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script, flag", [
+    ("train.py", "--workdir"), ("scripts/prepare_data.py", "--out"), ("scripts/stability.py", "--out")])
+def test_a_path_that_cannot_be_created_is_one_line_naming_its_flag(tmp_path, script, flag):
+    """A folder asked for under a regular file cannot be created (by any user, root included)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = [] if script == "scripts/prepare_data.py" else ["--config=configs/pretrain.py:hc,debug"]
+    result = run_script(script, *config, f"{flag}={blocker / 'run'}")
+    assert_user_error(result, f"{flag}: cannot use {blocker}", "Not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_missing_config_file_is_one_line_with_or_without_overrides():
+    for overrides in ([], ["--config.train.lr=0.1"]):
+        result = run_script("train.py", "--config=configs/missing.py:mhc,debug", "--workdir=/tmp/never", *overrides)
+        assert_user_error(result, "--config: cannot read the config file 'configs/missing.py'")
 
 
 REFAULTS = """

@@ -1,12 +1,16 @@
-"""Configs: every scale is the size its name says, overhead formulas, and the documented fields."""
+"""Configs: every scale is the size its name says, overhead formulas, the documented fields, and
+the validation of every field."""
 
 import re
 from pathlib import Path
 
+import ml_collections
 import pytest
 
-from configs.pretrain import get_config
+from configs.pretrain import FIELD_RULES, VARIANTS, get_config, validate
 from configs.scales import SCALES
+from mhc_jax import validation
+from mhc_jax.errors import UserError
 from mhc_jax.model import param_counts
 
 
@@ -63,3 +67,48 @@ def test_every_config_field_is_documented_next_to_its_default():
     assert len(assignments) >= 55
     undocumented = [line.strip() for line in assignments if "#" not in line]
     assert not undocumented, undocumented
+
+
+def test_every_variant_and_scale_is_valid():
+    for variant in VARIANTS:
+        for scale in SCALES:
+            validate(get_config(f"{variant},{scale}"))
+
+
+def test_every_field_has_a_rule_and_a_bad_value_of_it_is_refused():
+    """Generated from the config: a field without a rule fails here, and so does a rule whose bad
+    values get through. Each bad value is set in a copy without type safety (as a config file could)."""
+    fields = validation.leaves(get_config("mhc,moe_debug"))
+    assert set(fields) == set(FIELD_RULES), "fields without a rule, or rules without a field"
+    for field, rule in FIELD_RULES.items():
+        bad_values = rule.bad_values()
+        assert bad_values, field
+        for bad in bad_values:
+            config = ml_collections.ConfigDict(get_config("mhc,moe_debug").to_dict(), type_safe=False)
+            *parents, name = field.split(".")
+            node = config
+            for parent in parents:
+                node = node[parent]
+            node[name] = bad
+            bad = node[name]  # as stored (an int given to a float field becomes a float)
+            with pytest.raises(UserError) as refused:
+                validate(config)
+            assert str(refused.value).startswith(f"{field}: got {bad!r}; must be "), str(refused.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.stop_at_step": 300}, "train.stop_at_step: got 300; must be <= train.steps = 200"),
+    ({"train.microbatches": 3}, "train.microbatches: got 3; must divide train.batch_size = 8"),
+    ({"mesh.fsdp": -1, "mesh.data": -1}, "mesh.fsdp: got -1; at most one mesh axis may be -1"),
+    ({"model.residual": "residual"}, "model.n_streams: got 4; the residual variant has one stream"),
+    ({"model.n_streams": 1}, "model.n_streams: got 1; mhc needs n >= 2 streams"),
+    ({"model.d_model": 68}, "model.d_model: got 68; head_dim = d_model // n_heads must be even for RoPE"),
+    ({"model.n_heads": 8, "model.n_kv_heads": 3}, "model.n_kv_heads: got 3; must divide model.n_heads = 8"),
+])
+def test_relations_between_fields_are_checked(overrides, message):
+    config = get_config("mhc,debug")
+    for field, value in overrides.items():
+        section, name = field.split(".")
+        config[section][name] = value
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(config)

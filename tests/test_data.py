@@ -89,18 +89,6 @@ def test_processes_read_their_rows_of_the_same_global_batch(dataset, process_cou
         np.testing.assert_array_equal(np.concatenate(rows), single[step]["tokens"])
 
 
-def test_resume_from_saved_iterator_state(dataset):
-    ds = batches(dataset)
-    running = data.train_iterator(ds)
-    for _ in range(4):
-        next(running)
-    state = running.get_state()
-    resumed = data.train_iterator(ds)
-    resumed.set_state(state)
-    for _ in range(3):
-        np.testing.assert_array_equal(next(resumed)["tokens"], next(running)["tokens"])
-
-
 def test_evaluation_is_one_ordered_pass_with_weighted_padding(dataset):
     out, manifest = dataset
     windows = data.TokenWindows(out, manifest, "validation", SEQ_LEN)

@@ -4,6 +4,7 @@ adapter, the end-to-end run on every task, and the bad inputs."""
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from helpers import assert_user_error, corpus_documents, prepare_small_corpus, xla_flags
+from mhc_jax.errors import UserError
 from mhc_jax.evals import eval_data, hellaswag, registry, triviaqa
 from mhc_jax.evals.harness import LanguageModel
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
@@ -171,3 +173,17 @@ def test_bad_inputs(workdir, fetched_eval_data, tmp_path):
     (tampered / "piqa" / "validation.jsonl").write_text(json.dumps({"goal": "changed"}) + "\n")
     assert_user_error(run_eval(f"--workdir={workdir}", "--tasks=piqa", f"--data_dir={tampered}"),
                       "piqa/validation.jsonl", "sha256")
+
+
+def test_an_unreadable_newest_step_is_skipped_and_left_alone(workdir, tmp_path, caplog):
+    """eval.py reads a workdir, never changes it: a newest step without its metadata is passed over
+    for the one before with a warning, and named when asked for by --step."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    shutil.copytree(copy / "checkpoints" / "4", copy / "checkpoints" / "6")
+    shutil.rmtree(copy / "checkpoints" / "6" / "meta")
+    assert LanguageModel(copy).step == 4
+    assert "checkpoints/6 cannot be read" in caplog.text
+    with pytest.raises(UserError, match="--step: .*/6 cannot be read"):
+        LanguageModel(copy, step=6)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["4", "6"]

@@ -58,8 +58,13 @@ def test_fast_sites_and_compile_switches_keep_logits_and_gradients(variant, scan
     assert relative_error(fast(tokens), ref_logits) < 1e-5
     loss, grads = loss_and_grads(fast, tokens)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    for (path, g), (_, ref_g) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads)):
-        assert relative_error(g[...], ref_g[...]) < 1e-5, path
+    ref_flat = nnx.to_flat_state(ref_grads)
+    whole = float(jnp.sqrt(sum(jnp.sum(ref_g[...] ** 2) for _, ref_g in ref_flat)))
+    for (path, g), (_, ref_g) in zip(nnx.to_flat_state(grads), ref_flat):
+        # Relative to the leaf, or, for a leaf whose gradient nearly cancels to 0 (hc_static's alpha,
+        # where the CPU type's summation order alone moves it by 1e-5 of itself), to the whole gradient.
+        error = float(jnp.linalg.norm(g[...] - ref_g[...]))
+        assert error < 1e-5 * float(jnp.linalg.norm(ref_g[...])) or error < 1e-6 * whole, (path, error, whole)
 
 
 def test_site_maps_come_out_in_site_order():

@@ -3,48 +3,24 @@ meshes, two processes, NaN guard, schedules, weight decay, and the bad inputs of
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grain
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs.pretrain import get_config
-from helpers import assert_user_error, corpus_documents, debug_model_config, xla_flags
+from helpers import (QUIET, STRAIGHT, assert_user_error, corpus_documents, debug_model_config, losses, records,
+                     run_train, stop_with_sigterm, xla_flags)
 from mhc_jax import checkpoint, data, optim, prepare, sharding, trainer
+from mhc_jax.errors import UserError
 from mhc_jax.model import Transformer
 
 ROOT = Path(__file__).parents[1]
-QUIET = ["--config.log.progress=False"]
-
-
-def run_train(workdir, *overrides, variant="hc", scale="debug", devices=8, cwd=ROOT, extra=(), data_dir=None,
-              wait=True):
-    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
-    args = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/pretrain.py'}:{variant},{scale}",
-            f"--workdir={workdir}", *QUIET, *overrides, *extra]
-    if data_dir:
-        args.append(f"--config.data.dir={data_dir}")
-    if not wait:
-        return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def records(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(workdir):
-    return [(r["step"], r["loss"]) for r in records(workdir)]
-
-
-STRAIGHT = ["--config.train.steps=24", "--config.train.log_every=1", "--config.train.checkpoint_every=5"]
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +61,6 @@ def test_stop_and_resume_repeats_every_loss_bit_for_bit(straight_run, default_da
     run_id = (tmp_path / "run" / "wandb_run_id").read_text()
     offline_runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
-
-
-def stop_with_sigterm(process, workdir, after_lines: int) -> None:
-    """SIGTERM once metrics.jsonl has `after_lines` lines; the process must then exit 0."""
-    metrics = workdir / "metrics.jsonl"
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_lines):
-        assert process.poll() is None, process.communicate()[1]
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
 
 
 def test_sigterm_saves_and_the_same_command_resumes(straight_run, default_data, tmp_path):
@@ -166,9 +131,8 @@ def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):
     mesh = jax.make_mesh(mesh_sizes, sharding.MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
     experiment = trainer.Experiment(config, mesh)
-    batches = data.train_batches(data_dir, manifest, seq_len=64, global_batch_size=8, seed=0)
-    step, state, _ = checkpoint.Checkpoints(workdir, keep=3).restore_latest(
-        experiment.abstract_state, data.train_iterator(batches), lambda meta: None)
+    step, state, _ = checkpoint.Checkpoints(workdir, keep=3).restore_latest(experiment.abstract_state,
+                                                                             lambda meta: None)
     assert step == 24
     assert state["params"]["embed"]["table"].sharding.mesh.shape == mesh.shape
     evals = data.eval_batches(data_dir, manifest, seq_len=64, global_batch_size=8, max_batches=8)
@@ -208,6 +172,17 @@ def test_two_slurm_processes_train_like_one_through_the_sweeps_sbatch_script(str
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
     assert "6" in os.listdir(workdir / "checkpoints")
+    # The run saved by 2 processes resumes on 1, then on 4, with the batches of the straight run.
+    resumed = run_train(workdir, *STRAIGHT, "--config.train.stop_at_step=12", data_dir=default_data)
+    assert resumed.returncode == 0, resumed.stderr
+    srun = [str(ROOT / "tests/fake_slurm/srun"), sys.executable, str(ROOT / "train.py"), "--distributed",
+            f"--config={ROOT / 'configs/pretrain.py'}:hc,debug", f"--workdir={workdir}", *STRAIGHT, *QUIET,
+            "--config.train.stop_at_step=16", f"--config.data.dir={default_data}"]
+    four = subprocess.run(srun, env={**env, "XLA_FLAGS": xla_flags(2), "SLURM_NTASKS": "4",
+                                     "SLURM_JOB_ID": str(job_id + 1)}, capture_output=True, text=True, timeout=600)
+    assert four.returncode == 0, four.stderr
+    assert [s for s, _ in losses(workdir)] == list(range(1, 17))
+    np.testing.assert_allclose([l for _, l in losses(workdir)], [l for _, l in losses(straight_run)[:16]], rtol=1e-5)
 
 
 # Every variant at debug (residual and mhc in test_pods.py's sweep), one stream at moe_debug (four:
@@ -222,7 +197,7 @@ def test_loss_decreases_on_the_default_corpus(default_data, tmp_path, variant, s
 
 
 def test_nan_guard_stops_without_a_bad_checkpoint(default_data, tmp_path):
-    result = run_train(tmp_path / "run", "--config.train.lr=inf", "--config.train.log_every=1",
+    result = run_train(tmp_path / "run", "--config.train.lr=1e30", "--config.train.log_every=1",
                        "--config.train.checkpoint_every=1", data_dir=default_data)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: step 2: loss nan")
@@ -299,20 +274,56 @@ def test_microbatches_accumulate_to_the_full_batch_update():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), split_params, whole_params)
 
 
-def test_an_unreadable_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+def test_an_unreadable_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path, caplog):
     mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
     experiment = trainer.Experiment(get_config("residual,debug"), mesh)
-    iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
     checkpoints = checkpoint.Checkpoints(tmp_path, keep=3)
     state = experiment.init_state()
-    for step in (1, 2):
-        checkpoints.save(step, state, iterator, {"step": step})
+    for step in (1, 2, 3):
+        checkpoints.save(step, state, {"step": step})
         checkpoints.wait()
-    for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    (tmp_path / "checkpoints" / "3" / "state" / "_METADATA").write_text("{garbled")  # the state's tree
+    for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):  # every file of the state truncated
         if path.is_file():
-            path.write_bytes(b"damaged")
-    step, restored, meta = checkpoints.restore_latest(experiment.abstract_state, iterator, lambda meta: None)
+            path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    step, restored, meta = checkpoints.restore_latest(experiment.abstract_state, lambda meta: None)
     assert (step, meta["step"]) == (1, 1)
-    assert "checkpoint" in caplog.text and "/2" in caplog.text
+    assert "3: state unreadable" in caplog.text and "2: state unreadable" in caplog.text
     np.testing.assert_array_equal(restored["params"]["embed"]["table"], state["params"]["embed"]["table"])
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names[0] == "1" and [n.split("-")[0] for n in names[1:]] == ["2.damaged", "3.damaged"]
+    checkpoints.save(2, state, {"step": 2})  # the step of a damaged checkpoint is saved again
+    checkpoints.wait()
+    assert checkpoints.steps() == [2, 1]
+
+
+def test_a_checkpoint_of_another_structure_is_refused_not_set_aside(tmp_path):
+    mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    experiment = trainer.Experiment(get_config("residual,debug"), mesh)
+    checkpoints = checkpoint.Checkpoints(tmp_path)
+    state = experiment.init_state()
+    checkpoints.save(1, {**state, "extra": state["step"]}, {"step": 1})
+    checkpoints.wait()
+    with pytest.raises(UserError, match="another structure .unexpected extra"):
+        checkpoints.restore_latest(experiment.abstract_state, lambda meta: None)
+    assert checkpoints.steps() == [1]
+
+
+def test_damaged_newest_checkpoints_are_survived_to_the_end(straight_run, default_data, tmp_path):
+    """The newest checkpoint without its metadata, the one before with its state truncated: both are
+    set aside, the run resumes from the third, saves their steps again and ends like the straight run."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "24" / "meta")
+    for path in (workdir / "checkpoints" / "20" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    result = run_train(workdir, *STRAIGHT, data_dir=default_data)
+    assert result.returncode == 0, result.stderr
+    assert "24: metadata unreadable" in result.stderr and "20: state unreadable" in result.stderr
+    names = [p.name for p in (workdir / "checkpoints").iterdir()]
+    assert sorted(int(n) for n in names if n.isdigit()) == [15, 20, 24]
+    assert sorted(n.split("-")[0] for n in names if not n.isdigit()) == ["20.damaged", "24.damaged"]
+    assert losses(workdir) == losses(straight_run)

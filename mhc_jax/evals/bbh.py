@@ -2,10 +2,12 @@
 `bbh_cot_fewshot`.
 
 The prompt is the task description and its three standard chain-of-thought exemplars, then
-"Q: <input>\nA: Let's think step by step.\n". Generation stops at "Q", a blank line or end of text
-(the harness allows 1,024 tokens; we stop at 256, which the exemplars' reasoning never needs). The
-answer is what follows "the answer is " up to the line's last character; exact match, case
-sensitive. The headline averages the 27 tasks.
+"Q: <input>\nA: Let's think step by step.\n", character for character as the harness renders it: the
+fetched folder's prefix is rendered from the harness's own task YAMLs (scripts/fetch_eval_data.py),
+and tests/test_lmeval_prompts.py compares all 6,511 prompts with the harness's. Generation stops at
+"Q", a blank line or end of text (the harness allows 1,024 tokens; we stop at 256, which the
+exemplars' reasoning never needs). The answer is what follows "the answer is " up to the line's last
+character; exact match, case sensitive. The headline averages the 27 tasks.
 """
 
 from mhc_jax.evals import eval_data, scoring

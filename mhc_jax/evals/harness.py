@@ -11,6 +11,7 @@ Requests are sorted by length and padded to power-of-two widths, so batching cha
 import dataclasses
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,6 +50,45 @@ class Task:
     average_subtasks: bool = False  # the headline averages subtasks (BBH) instead of examples (MMLU)
 
 
+def read_checkpoint(checkpoints: checkpoint.Checkpoints, pinned: int | None):
+    """(step, meta, params, graphdef) of step `pinned`, or of the newest step that reads, onto the
+    devices present. Safe beside the train.py writing the workdir: the steps it lists are committed
+    ones; one that vanishes while being read (rotated away by keep_checkpoints) sends it back to
+    the newest, one that stays unreadable is skipped with a warning (never moved: the workdir is
+    the training's)."""
+    while True:
+        checkpoints.manager.reload()
+        steps = checkpoints.steps()
+        if not steps:
+            raise UserError(f"--workdir: {checkpoints.directory.parent} has no checkpoints; train first with "
+                            f"train.py --workdir={checkpoints.directory.parent}")
+        if pinned is not None and pinned not in steps:
+            raise UserError(f"--step: {checkpoints.directory} has no step {pinned}; it has {sorted(steps)}")
+        for step in [pinned] if pinned is not None else steps:
+            try:
+                meta = checkpoints.read_meta(step)
+                config = ml_collections.ConfigDict(meta["config"])
+                config.model.moe.capacity_factor = 0.0  # evaluation never drops a token from its experts
+                config.model.site_impl = "fast"  # compile-only (and absent from checkpoints before it existed)
+                mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
+                graphdef, _, abstract_params = abstract_model(config.model, mesh)
+                params = checkpoints.restore_params(step, abstract_params)
+                meta["config"] = config.to_dict()
+                return step, meta, params, graphdef
+            except checkpoint.UNREADABLE as e:  # noqa: BLE001
+                checkpoints.manager.reload()
+                if step not in checkpoints.steps():
+                    logging.warning("checkpoint %s/%d was deleted while being read; trying the newest", checkpoints.directory, step)
+                    break  # list the steps again
+                if pinned is not None:
+                    raise UserError(f"--step: {checkpoints.directory}/{step} cannot be read ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}); choose another step") from None
+                logging.warning("checkpoint %s/%d cannot be read (%s); trying the one before", checkpoints.directory,
+                                step, type(e).__name__)
+        else:
+            raise UserError(f"--workdir: none of the checkpoints in {checkpoints.directory} can be read")
+
+
 class LanguageModel:
     """A checkpoint restored onto the devices present, with the tokenizer it was trained with."""
 
@@ -57,22 +97,11 @@ class LanguageModel:
         if not (workdir / "checkpoints").is_dir():
             raise UserError(f"--workdir: {workdir} has no checkpoints; train first with train.py --workdir={workdir}")
         checkpoints = checkpoint.Checkpoints(workdir, create=False)
-        steps = checkpoints.steps()
-        if not steps:
-            raise UserError(f"--workdir: {workdir} has no checkpoints; train first with train.py --workdir={workdir}")
-        self.step = steps[0] if step is None else step
-        if self.step not in steps:
-            raise UserError(f"--step: {workdir}/checkpoints has no step {self.step}; it has {sorted(steps)}")
-        meta = checkpoints.read_meta(self.step)
+        self.step, meta, self.params, self.graphdef = read_checkpoint(checkpoints, step)
+        checkpoints.close()
         self.config = ml_collections.ConfigDict(meta["config"])
-        self.config.model.moe.capacity_factor = 0.0  # evaluation never drops a token from its experts
-        self.config.model.site_impl = "fast"  # compile-only (and absent from checkpoints before it existed)
         self.tokenizer = load_workdir_tokenizer(workdir, meta)
         self.tokenizer_sha256 = meta["tokenizer_sha256"]
-        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
-        self.graphdef, _, abstract_params = abstract_model(self.config.model, mesh)
-        self.params = checkpoints.restore_params(self.step, abstract_params)
-        checkpoints.close()
         self.batch_size, self.max_length = batch_size, max_length
         self.generator = Generator(self.graphdef, self.params, self.tokenizer, batch_size, max_length)
 
