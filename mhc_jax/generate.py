@@ -1,7 +1,8 @@
 """Batched decoding with a KV cache: greedy or sampled, stop sequences and a token budget.
 
-Prompts are left-padded into a batch of fixed size whose width is rounded up to a power of two, and
-the new-token budget is rounded the same way, so one compiled prefill and one compiled step serve
+Prompts keep their last max_length - max_new_tokens tokens (lm-evaluation-harness's rule), are
+left-padded into a batch of fixed size whose width is rounded up to a power of two, and the
+new-token budget is rounded the same way, so one compiled prefill and one compiled step serve
 every batch of a benchmark instead of recompiling per example. Rows that finish early keep
 decoding (their tokens are discarded): the batch stops when every row has met a stop sequence or
 the end-of-text token, checked on the host every few steps.
@@ -21,6 +22,15 @@ STOP_CHECK_EVERY = 8  # steps between looking for stop sequences on the host
 
 def bucket(n: int, smallest: int = 16) -> int:
     return max(smallest, 1 << (max(n, 1) - 1).bit_length())
+
+
+def prompt_tail(ids: list[int], max_length: int, max_new_tokens: int) -> list[int]:
+    """The prompt tokens a generation conditions on: the last max_length - max_new_tokens, as
+    lm-evaluation-harness truncates (its HFLM's max_ctx_len); at least one token of room is needed."""
+    if max_new_tokens >= max_length:
+        raise ValueError(f"a budget of {max_new_tokens} new tokens leaves no room for the prompt in "
+                         f"max_length={max_length}; raise max_length or lower the budget")
+    return ids[-(max_length - max_new_tokens):]
 
 
 def first_stop(text: str, until: list[str]) -> int | None:
@@ -60,9 +70,8 @@ class Generator:
         return outputs
 
     def _generate_batch(self, prompts, until, max_new_tokens, temperature, seed):
-        budget = bucket(max_new_tokens)
-        keep = max(1, self.max_length - budget)  # the prompt's tail that fits beside the budget
-        encoded = [ids[-keep:] for ids in self.tokenizer.encode_batch(prompts)]
+        budget = bucket(max_new_tokens)  # compiled sizes are powers of two; the prompt's cut is exact
+        encoded = [prompt_tail(ids, self.max_length, max_new_tokens) for ids in self.tokenizer.encode_batch(prompts)]
         width = bucket(max(len(ids) for ids in encoded))
         tokens_BP = np.zeros((self.batch_size, width), np.int32)
         start_B = np.full((self.batch_size,), width - 1, np.int32)  # padding rows hold one token
@@ -71,14 +80,18 @@ class Generator:
             start_B[row] = width - len(ids)
         logits_BV, cache = self._prefill(self.params, tokens_BP, start_B, width + budget)
         key = jax.random.PRNGKey(seed)
-        generated = []
+        tokens_BT, recent, done = np.zeros((len(prompts), 0), np.int32), [], set()
         for step in range(max_new_tokens):
             key, subkey = jax.random.split(key)
             token_B, logits_BV, cache = self._step(self.params, logits_BV, cache, subkey, temperature)
-            generated.append(token_B)
-            if (step + 1) % STOP_CHECK_EVERY == 0 and self._all_done(generated, len(prompts), until):
-                break
-        return [self._finish(row_tokens, until) for row_tokens in np.asarray(jnp.stack(generated, 1))[:len(prompts)]]
+            recent.append(token_B)
+            if (step + 1) % STOP_CHECK_EVERY == 0 or step + 1 == max_new_tokens:
+                tokens_BT = np.concatenate([tokens_BT, np.asarray(jnp.stack(recent, 1))[:len(prompts)]], axis=1)
+                recent = []
+                done |= {row for row in range(len(prompts)) if row not in done and self._row_done(tokens_BT[row], until)}
+                if len(done) == len(prompts):
+                    break
+        return [self._finish(row_tokens, until) for row_tokens in tokens_BT]
 
     def _finish(self, tokens, until) -> str:
         eos = np.flatnonzero(tokens == self.tokenizer.eos_id)
@@ -86,7 +99,5 @@ class Generator:
         cut = first_stop(text, until)
         return text if cut is None else text[:cut]
 
-    def _all_done(self, generated, rows, until) -> bool:
-        tokens_BT = np.asarray(jnp.stack(generated, 1))[:rows]
-        return all((row == self.tokenizer.eos_id).any() or first_stop(self.tokenizer.decode(row), until) is not None
-                   for row in tokens_BT)
+    def _row_done(self, tokens, until) -> bool:
+        return bool((tokens == self.tokenizer.eos_id).any()) or first_stop(self.tokenizer.decode(tokens), until) is not None

@@ -1,6 +1,6 @@
 """Test setup: 8 simulated CPU devices and fast compilation (set before jax loads), a compilation
 cache, the `variant` fixture, and the folders built once per session (shared by the xdist workers):
-the fetched benchmark folder and data/default."""
+the fetched benchmark folder, data/default and the straight training run."""
 
 import os
 import tempfile
@@ -23,7 +23,7 @@ import filelock  # noqa: E402
 import pytest  # noqa: E402
 
 from configs.pretrain import VARIANTS  # noqa: E402
-from helpers import ROOT, run_fetch, xla_flags  # noqa: E402
+from helpers import ROOT, STRAIGHT, run_fetch, run_train, xla_flags  # noqa: E402
 from mhc_jax import data  # noqa: E402
 
 
@@ -76,3 +76,13 @@ def prepare_on_first_use(cwd: Path) -> None:
 def default_data(tmp_path_factory):
     """data/default as train.py prepares it on first use (once per session)."""
     return built_once(tmp_path_factory, "fresh", prepare_on_first_use) / "data/default"
+
+
+@pytest.fixture(scope="session")
+def straight_run(default_data, tmp_path_factory):
+    """hc at debug, 24 steps on 8 devices with checkpoints every 5, straight through: the run that the
+    resume, restore and failure tests compare with (once per session)."""
+    def train(folder: Path) -> None:
+        result = run_train(folder / "run", *STRAIGHT, "--config.train.eval_every=12", data_dir=default_data)
+        assert result.returncode == 0, result.stderr
+    return built_once(tmp_path_factory, "straight", train) / "run"

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
+from lm_eval.api.metrics import aggregate_subtask_metrics
 
 from helpers import assert_user_error, corpus_documents, prepare_small_corpus, xla_flags
 from mhc_jax.errors import UserError
 from mhc_jax.evals import eval_data, hellaswag, registry, triviaqa
-from mhc_jax.evals.harness import LanguageModel
+from mhc_jax.evals.harness import LanguageModel, aggregate
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
 
 ROOT = Path(__file__).parents[1]
@@ -76,6 +77,28 @@ def test_lm_eval_adapter_answers_like_the_harness(workdir):
     assert len(generations) == 2 and all(isinstance(g, str) for g in generations)
     assert "\n" not in generations[0] and "." not in generations[1]
     assert adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("Some text.",), 0)])[0] < 0
+
+
+def test_lm_eval_adapter_honours_sampling_kwargs(workdir):
+    """Greedy unless do_sample; seeded sampling differs from greedy and repeats with its seed; what the
+    decoder cannot do is refused, not ignored."""
+    adapter = HarnessModel(workdir=str(workdir), batch_size=4)
+
+    def generate(**options):
+        return adapter.generate_until([Instance("generate_until", {}, ("The stream of", {"until": [],
+                                                "max_gen_toks": 24, **options}), i) for i in range(3)])
+    greedy = generate()
+    assert generate(do_sample=False, temperature=0.7) == greedy and len(set(greedy)) == 1
+    sampled = generate(do_sample=True, temperature=1.0, seed=3)
+    assert sampled != greedy and len(set(sampled)) > 1  # rows of a batch draw their own samples
+    assert generate(do_sample=True, temperature=1.0, seed=3) == sampled
+    assert generate(do_sample=True, temperature=1.0, seed=4) != sampled
+    assert generate(temperature=1.0, seed=3) == sampled  # lm-eval: a temperature > 0 alone means sampling
+    for refused in ({"top_p": 0.9, "do_sample": True, "temperature": 1.0}, {"top_k": 40}, {"num_beams": 4},
+                    {"do_sample": True, "temperature": 0.0}):
+        with pytest.raises(ValueError):
+            generate(**refused)
+    assert generate(top_p=1.0, top_k=0) == greedy
 
 
 def write_eval_folder(folder: Path, files: dict[str, list[dict]]) -> Path:
@@ -187,3 +210,36 @@ def test_an_unreadable_newest_step_is_skipped_and_left_alone(workdir, tmp_path, 
     with pytest.raises(UserError, match="--step: .*/6 cannot be read"):
         LanguageModel(copy, step=6)
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["4", "6"]
+
+
+def test_headlines_weight_subtasks_by_size_as_lm_evals_groups():
+    """Two tasks of 3 and 1 questions, accuracies 1/3 and 1: the headline is the mean over the 4
+    questions (1/2; lm-eval's aggregate_subtask_metrics with weight_by_size), subtask_mean the mean of
+    the task means (2/3; weight_by_size=False)."""
+    names = ["a", "a", "a", "b"]
+    per_example = [{"acc": 1.0}, {"acc": 0.0}, {"acc": 0.0}, {"acc": 1.0}]
+    result = aggregate(names, per_example)
+    assert result["metrics"] == {"acc": pytest.approx(0.5)}
+    assert result["subtask_mean"] == {"acc": pytest.approx(2 / 3)}
+    assert result["subtasks"] == {"a": {"acc": pytest.approx(1 / 3), "n": 3}, "b": {"acc": 1.0, "n": 1}}
+    means, sizes = [1 / 3, 1.0], [3, 1]
+    assert result["metrics"]["acc"] == pytest.approx(aggregate_subtask_metrics(means, sizes, weight_by_size=True))
+    assert result["subtask_mean"]["acc"] == pytest.approx(aggregate_subtask_metrics(means, sizes, weight_by_size=False))
+    assert "subtask_mean" not in aggregate(["", ""], [{"acc": 1.0}, {"acc": 0.0}])
+
+
+def test_lmeval_check_finds_full_agreement(workdir, fetched_eval_data):
+    """scripts/lmeval_check.py: our eval.py path and lm-eval's own tasks (through our adapter) agree on
+    prompts, log-likelihoods, generations and scores for the first examples of MMLU, GSM8K and BBH."""
+    data_dir, _ = fetched_eval_data
+    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    result = subprocess.run([sys.executable, "scripts/lmeval_check.py", f"--workdir={workdir}", "--limit=2",
+                             f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "mmlu: prompts 2/2, log-likelihoods 2/2, scores 2/2 agree" in lines
+    assert "gsm8k: prompts 2/2, generations 2/2, scores 4/4 agree" in lines
+    assert "bbh: prompts 2/2, generations 2/2, scores 2/2 agree" in lines and lines[-1] == "all agree"
+    assert_user_error(subprocess.run([sys.executable, "scripts/lmeval_check.py", f"--workdir={workdir}",
+                                      "--tasks=drop", f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True,
+                                     text=True, timeout=300, env=env), "--tasks", "drop")

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from helpers import corpus_documents, make_model
-from mhc_jax.generate import Generator, bucket, first_stop
+from mhc_jax.generate import Generator, bucket, first_stop, prompt_tail
 from mhc_jax.tokenizer import train_bpe
 
 PROMPTS = ["The stream", "Sinkhorn keeps the gain near one and", "a", corpus_documents()[0][:300]]
@@ -79,3 +79,14 @@ def test_helpers():
     assert [bucket(n) for n in (0, 1, 16, 17, 100)] == [16, 16, 16, 32, 128]
     assert first_stop("abc Q: next", ["Q:", "c"]) == 2 and first_stop("abc", ["x"]) is None
     np.testing.assert_array_equal(bucket(300, smallest=512), 512)
+
+
+@pytest.mark.parametrize("budget", [100, 256, 1000])
+def test_prompts_are_cut_by_lm_evals_rule(budget):
+    """lm-eval's HFLM keeps the last max_length - max_gen_toks context tokens (left_truncate_len), whatever
+    power of two the compiled budget is rounded to."""
+    ids, max_length = list(range(5000)), 2048
+    assert prompt_tail(ids, max_length, budget) == ids[-(max_length - budget):]
+    assert prompt_tail(ids[:10], max_length, budget) == ids[:10]
+    with pytest.raises(ValueError, match="no room"):
+        prompt_tail(ids, budget, budget)

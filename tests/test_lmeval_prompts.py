@@ -7,9 +7,10 @@ character against the harness's own rendering (lm-eval 0.4.13, the test dependen
 
 Each task is built from the YAML the harness ships (lm_eval.tasks._yaml_loader.load_yaml, includes and
 `!function`s resolved) as a ConfigurableTask whose download() hands it our fetched rows, in the schema of
-the Hugging Face dataset the YAML names, instead of fetching that dataset. Its build_all_requests() (the
-evaluator's path: fewshot_context with the task's num_fewshot, plain text, no system prompt or chat
-template) then renders every document, and each context must equal our Example.prompt for the same row.
+the Hugging Face dataset the YAML names, instead of fetching it (mhc_jax/evals/lmeval_tasks.py). Its
+build_all_requests() (the evaluator's path: fewshot_context with the task's num_fewshot, plain text, no
+system prompt or chat template) then renders every document, and each context must equal our
+Example.prompt for the same row.
 A change on either side (our prompt code or the fetched data, or the harness's templates) fails here.
 
 The knobs we set, as `lm_eval --tasks=... --num_fewshot=...` would:
@@ -29,22 +30,15 @@ import itertools
 import logging
 from pathlib import Path
 
-import datasets
-import lm_eval
 import lm_eval.api.task
 import lm_eval.utils
 import pytest
-from lm_eval.api.task import ConfigurableTask
-from lm_eval.tasks._yaml_loader import load_yaml
 
 from mhc_jax.evals import bbh, eval_data, gsm8k, mmlu
+from mhc_jax.evals.lmeval_tasks import MMLU_SHOTS, OfflineTask, harness_task
 
-HARNESS_TASKS = Path(lm_eval.__file__).parent / "tasks"
-MMLU_SHOTS = 5  # lm_eval --num_fewshot=5
 EXPECTED_PROMPTS = {"mmlu": 14042, "gsm8k": 1319, "bbh": 6511}
 SHOWN = 5  # mismatches spelled out in a failure message
-
-datasets.disable_progress_bars()
 
 
 @pytest.fixture(autouse=True)
@@ -60,22 +54,6 @@ def fast_quiet_harness(monkeypatch):
     logger.setLevel(logging.ERROR)
     yield
     logger.setLevel(level)
-
-
-class OfflineTask(ConfigurableTask):
-    """A harness task whose dataset is the rows it is given, split by split, not a download."""
-
-    def __init__(self, config: dict, splits: dict[str, list[dict]]):
-        self.splits = splits
-        super().__init__(config=config)
-
-    def download(self, dataset_kwargs=None, **kwargs) -> None:
-        self.dataset = datasets.DatasetDict({name: datasets.Dataset.from_list(rows)
-                                             for name, rows in self.splits.items()})
-
-
-def harness_task(yaml_path: str, splits: dict[str, list[dict]]) -> OfflineTask:
-    return OfflineTask(load_yaml(HARNESS_TASKS / yaml_path), splits)
 
 
 def harness_requests(task: OfflineTask) -> list[tuple[str, list]]:

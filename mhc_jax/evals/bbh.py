@@ -5,9 +5,10 @@ The prompt is the task description and its three standard chain-of-thought exemp
 "Q: <input>\nA: Let's think step by step.\n", character for character as the harness renders it: the
 fetched folder's prefix is rendered from the harness's own task YAMLs (scripts/fetch_eval_data.py),
 and tests/test_lmeval_prompts.py compares all 6,511 prompts with the harness's. Generation stops at
-"Q", a blank line or end of text (the harness allows 1,024 tokens; we stop at 256, which the
-exemplars' reasoning never needs). The answer is what follows "the answer is " up to the line's last
-character; exact match, case sensitive. The headline averages the 27 tasks.
+"Q", a blank line or end of text, after at most 1,024 tokens (the harness's budget). The answer is
+what follows "the answer is " up to the line's last character; exact match, case sensitive. The headline is the mean over all questions, as the
+harness's bbh_cot_fewshot group aggregates (weight_by_size); results also hold subtask_mean, the
+unweighted mean of the 27 task means.
 """
 
 from mhc_jax.evals import eval_data, scoring
@@ -26,5 +27,6 @@ def score(example: Example, generation: str) -> dict:
 
 
 TASK = Task("bbh", "3-shot chain of thought (the standard exemplars), greedy until 'Q' or a blank line, at most "
-            "256 tokens; exact match after 'the answer is'; mean over the 27 tasks", examples, score,
-            primary="exact_match", until=("</s>", "Q", "\n\n"), max_new_tokens=256, average_subtasks=True)
+            "1,024 tokens; exact match after 'the answer is'; mean over all questions (the 27 tasks weighted by "
+            "size, as lm-eval's bbh_cot_fewshot group; subtask_mean: the unweighted mean of the task means)",
+            examples, score, primary="exact_match", until=("</s>", "Q", "\n\n"), max_new_tokens=1024)

@@ -47,7 +47,6 @@ class Task:
     primary: str  # the headline metric
     until: tuple[str, ...] = ()  # generation: stop sequences
     max_new_tokens: int = 0  # > 0 makes it a generation task
-    average_subtasks: bool = False  # the headline averages subtasks (BBH) instead of examples (MMLU)
 
 
 def read_checkpoint(checkpoints: checkpoint.Checkpoints, pinned: int | None):
@@ -163,10 +162,13 @@ class LanguageModel:
             totals[owner] += logprob
         return totals
 
-    def generate(self, prompts: list[str], until: tuple[str, ...], max_new_tokens: int, desc: str = "") -> list[str]:
+    def generate(self, prompts: list[str], until: tuple[str, ...], max_new_tokens: int, desc: str = "",
+                 temperature: float = 0.0, seed: int = 0) -> list[str]:
+        """Greedy continuations (or sampled at `temperature` > 0, reproducibly from `seed`)."""
         outputs = []
         for first in tqdm(range(0, len(prompts), self.batch_size), desc=desc, disable=not desc, leave=False):
-            outputs += self.generator.generate(prompts[first:first + self.batch_size], list(until), max_new_tokens)
+            outputs += self.generator.generate(prompts[first:first + self.batch_size], list(until), max_new_tokens,
+                                               temperature, seed + first)
         return outputs
 
 
@@ -182,6 +184,15 @@ def load_workdir_tokenizer(workdir, meta: dict):
 def run(model: LanguageModel, data_dir: Path, limit: int | None, task: Task) -> dict:
     """A task's metrics on (the first `limit` of) its examples, with per-subtask breakdowns."""
     examples = task.examples(data_dir)[:limit]
+    outputs, per_example = answer(model, task, examples)
+    return {**aggregate([e.subtask for e in examples], per_example), "primary": task.primary, "n": len(examples),
+            "protocol": task.protocol, "samples": [{"prompt_tail": e.prompt[-200:], "output": o, "scores": s}
+                                                   for e, o, s in list(zip(examples, outputs, per_example))[:3]]}
+
+
+def answer(model: LanguageModel, task: Task, examples: list[Example]) -> tuple[list, list[dict]]:
+    """The model's outputs on `examples` (generated texts, or the log-likelihood of each choice) and
+    the task's scores of them."""
     desc = f"{task.name} ({len(examples)})"
     if task.max_new_tokens:
         outputs = model.generate([e.prompt for e in examples], task.until, task.max_new_tokens, desc)
@@ -189,15 +200,22 @@ def run(model: LanguageModel, data_dir: Path, limit: int | None, task: Task) -> 
         requests = [(e.prompt, choice) for e in examples for choice in e.choices]
         scores = iter(model.loglikelihood(requests, desc))
         outputs = [[next(scores)[0] for _ in e.choices] for e in examples]
-    per_example = [task.score(e, output) for e, output in zip(examples, outputs)]
+    return outputs, [task.score(e, output) for e, output in zip(examples, outputs)]
+
+
+def aggregate(subtask_names: list[str], per_example: list[dict]) -> dict:
+    """The headline metrics as lm-eval's groups aggregate them (weight_by_size: the mean over all
+    examples, i.e. subtasks weighted by their size: MMLU's subjects, BBH's tasks, MATH's types); each
+    subtask's means and size; and, where there are subtasks, the unweighted mean of their means
+    under its own name, `subtask_mean`."""
     subtasks = {}
-    for name in sorted({e.subtask for e in examples if e.subtask}):
-        rows = [s for e, s in zip(examples, per_example) if e.subtask == name]
+    for name in sorted({n for n in subtask_names if n}):
+        rows = [scores for n, scores in zip(subtask_names, per_example) if n == name]
         subtasks[name] = {**mean_metrics(rows), "n": len(rows)}
-    metrics = mean_metrics(list(subtasks.values()) if task.average_subtasks else per_example)
-    return {"metrics": metrics, "primary": task.primary, "n": len(examples), "protocol": task.protocol,
-            "subtasks": subtasks, "samples": [{"prompt_tail": e.prompt[-200:], "output": o, "scores": s}
-                                              for e, o, s in list(zip(examples, outputs, per_example))[:3]]}
+    result = {"metrics": mean_metrics(per_example), "subtasks": subtasks}
+    if subtasks:
+        result["subtask_mean"] = mean_metrics(list(subtasks.values()))
+    return result
 
 
 def mean_metrics(rows: list[dict]) -> dict:
