@@ -20,7 +20,8 @@ def define_config_flag() -> flags.FlagHolder:
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: lines of several processes on one terminal stay whole
+    sys.stderr.flush()
     sys.exit(2)
 
 

@@ -268,6 +268,7 @@ def train(config, workdir, vocab_overridden: bool = False) -> None:
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
     check_mesh(config, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)  # a workdir that cannot be made stops the run here, first
     manifest = open_data(config, vocab_overridden)
     experiment = Experiment(config, mesh)
     if mesh.shape["fsdp"] > 1 and experiment.replicated_fraction > config.mesh.max_replicated:
@@ -285,7 +286,6 @@ def train(config, workdir, vocab_overridden: bool = False) -> None:
     step = 0 if restored is None else restored[0]
     iterator = data.train_iterator(batches, start_step=step)  # the data position is the step
     if jax.process_index() == 0:  # what eval.py and compare.py need besides the checkpoints
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
         (workdir / "data.json").write_text(json.dumps({"dir": config.data.dir, "fingerprint": data.fingerprint(manifest),
                                                        "tokenizer_sha256": manifest["tokenizer"]["sha256"]}) + "\n")

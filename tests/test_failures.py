@@ -73,7 +73,7 @@ def test_a_host_without_the_data_stops_every_process_with_one_line(default_data,
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     line = "error: data.dir: prepared is missing or incomplete on process(es) [1] of 2"
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]  # one from each process
     assert len(errors) == 2 and all(e.startswith(line) for e in errors), result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
