@@ -5,8 +5,8 @@ Saves are asynchronous and committed atomically by orbax (a step directory appea
 complete). The state is restored into abstract arrays that carry the current run's shardings, so a
 checkpoint restores onto any mesh, device or process count; the data position is the step itself
 (data.py), so nothing else is needed to resume. A checkpoint that cannot be read is moved aside to
-<step>.damaged-<time> (kept for a post-mortem, out of the way of the next save of that step) and
-the one before it is used.
+<step>.damaged-<time> by the run that owns the workdir (kept for a post-mortem, out of the way of
+the next save of that step) and skipped by a reader beside it (eval.py); both use the one before.
 """
 
 import logging
@@ -43,28 +43,54 @@ class Checkpoints:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def read_newest(self, read, owner: bool, pinned: int | None = None):
+        """(step, read(step)) for the newest step that reads (only `pinned` when given), or None when
+        no step does. The one recovery path of every reader: a step that vanishes while being read
+        (rotated away by the train.py writing the workdir) sends the search back to the newest; one
+        that stays unreadable is moved aside by the run that owns the workdir (`owner`: out of the
+        way of the next save of that step) and skipped, with a warning, by a reader beside it. A
+        UserError from `read` (a checkpoint of another experiment) is raised, never skipped."""
+        while True:
+            self.manager.reload()
+            steps = self.steps()
+            if pinned is not None and pinned not in steps:
+                raise UserError(f"--step: {self.directory} has no step {pinned}; it has {sorted(steps)}")
+            for step in [pinned] if pinned is not None else steps:
+                try:
+                    return step, read(step)
+                except UserError:
+                    raise
+                except UNREADABLE as e:  # noqa: BLE001
+                    self.manager.reload()
+                    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    if step not in self.steps():
+                        logging.warning("checkpoint %s/%d was deleted while being read; trying the newest",
+                                        self.directory, step)
+                        break  # list the steps again
+                    if pinned is not None:
+                        raise UserError(f"--step: {self.directory}/{step} cannot be read ({reason}); "
+                                        "choose another step") from None
+                    if owner:
+                        self.set_aside(step, reason)
+                    else:
+                        logging.warning("checkpoint %s/%d cannot be read (%s); trying the one before",
+                                        self.directory, step, reason)
+            else:
+                return None
+
     def restore_latest(self, abstract_state, check_meta):
-        """(step, state, meta) of the newest checkpoint that reads, or None when there is none; the
-        unreadable ones newer than it are moved aside. `check_meta(meta)` may raise (a checkpoint of
-        another experiment is refused, not skipped); the state is laid out as `abstract_state` says."""
-        for step in self.steps():
-            try:
-                meta = self.read_meta(step)
-            except UNREADABLE as e:  # noqa: BLE001
-                self.set_aside(step, "metadata", e)
-                continue
+        """(step, state, meta) of the newest checkpoint that reads, or None; the unreadable ones newer
+        than it are moved aside. `check_meta(meta)` may raise (a checkpoint of another experiment is
+        refused, not skipped); the state is laid out as `abstract_state` says."""
+        def read(step):
+            meta = self.read_meta(step)
             check_meta(meta)
-            try:
-                self.check_structure(step, self.manager.item_metadata(step)["state"], abstract_state)
-                state = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state))).state
-            except UserError:
-                raise
-            except UNREADABLE as e:  # noqa: BLE001
-                self.set_aside(step, "state", e)
-                continue
-            return step, state, meta
-        return None
+            self.check_structure(step, self.manager.item_metadata(step)["state"], abstract_state)
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state))).state, meta
+
+        newest = self.read_newest(read, owner=True)
+        return None if newest is None else (newest[0], *newest[1])
 
     def check_structure(self, step: int, saved, abstract_state) -> None:
         """A readable checkpoint whose arrays are not the ones this run has was written by other code
@@ -78,12 +104,11 @@ class Checkpoints:
                             f"{len(missing)} missing, {len(extra)} unexpected arrays): it was written by other code; "
                             "use another --workdir or the code that wrote it")
 
-    def set_aside(self, step: int, item: str, error: Exception) -> None:
+    def set_aside(self, step: int, reason: str) -> None:
         """Renames an unreadable step to <step>.damaged-<time>, where orbax no longer sees it."""
         damaged = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-        logging.warning("checkpoint %s/%d: %s unreadable (%s: %s); moved to %s, trying the one before",
-                        self.directory, step, item, type(error).__name__, str(error).splitlines()[0] if str(error) else "",
-                        damaged.name)
+        logging.warning("checkpoint %s/%d: unreadable (%s); moved to %s, trying the one before",
+                        self.directory, step, reason, damaged.name)
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(damaged)
         multihost_utils.sync_global_devices(f"checkpoint {step} set aside")

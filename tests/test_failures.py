@@ -128,13 +128,36 @@ def test_an_unreadable_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path
             path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
     step, restored, meta = checkpoints.restore_latest(experiment.abstract_state, lambda meta: None)
     assert (step, meta["step"]) == (1, 1)
-    assert "3: state unreadable" in caplog.text and "2: state unreadable" in caplog.text
+    assert "3: unreadable" in caplog.text and "2: unreadable" in caplog.text
     np.testing.assert_array_equal(restored["params"]["embed"]["table"], state["params"]["embed"]["table"])
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names[0] == "1" and [n.split("-")[0] for n in names[1:]] == ["2.damaged", "3.damaged"]
     checkpoints.save(2, state, {"step": 2})  # the step of a damaged checkpoint is saved again
     checkpoints.wait()
     assert checkpoints.steps() == [2, 1]
+
+
+def test_a_reader_beside_the_run_follows_a_step_deleted_under_it_and_skips_unreadable_ones(tmp_path, caplog):
+    """read_newest as eval.py uses it (owner=False): step 3 is rotated away while being read, so the
+    steps are listed again; step 2 cannot be read and is skipped but left in place; step 1 is read."""
+    checkpoints = checkpoint.Checkpoints(tmp_path)
+    for step in (1, 2, 3):
+        checkpoints.save(step, {"x": np.zeros(2)}, {"step": step})
+        checkpoints.wait()
+    (tmp_path / "checkpoints" / "2" / "meta" / "metadata").write_text("{garbled")
+    tried = []
+
+    def read(step):
+        tried.append(step)
+        if step == 3:
+            shutil.rmtree(tmp_path / "checkpoints" / "3")  # what keep_checkpoints does in the writing run
+        return checkpoints.read_meta(step)
+
+    assert checkpoints.read_newest(read, owner=False) == (1, {"step": 1})
+    assert tried == [3, 2, 1] and "3 was deleted while being read" in caplog.text
+    assert "2 cannot be read" in caplog.text and sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    with pytest.raises(UserError, match="--step: .*/2 cannot be read"):
+        checkpoints.read_newest(read, owner=False, pinned=2)
 
 
 def test_a_checkpoint_of_another_structure_is_refused_not_set_aside(tmp_path):
@@ -161,7 +184,7 @@ def test_damaged_newest_checkpoints_are_survived_to_the_end(straight_run, defaul
             path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
     result = run_train(workdir, *STRAIGHT, data_dir=default_data)
     assert result.returncode == 0, result.stderr
-    assert "24: metadata unreadable" in result.stderr and "20: state unreadable" in result.stderr
+    assert "24: unreadable" in result.stderr and "20: unreadable" in result.stderr
     names = [p.name for p in (workdir / "checkpoints").iterdir()]
     assert sorted(int(n) for n in names if n.isdigit()) == [15, 20, 24]
     assert sorted(n.split("-")[0] for n in names if not n.isdigit()) == ["20.damaged", "24.damaged"]

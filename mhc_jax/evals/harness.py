@@ -11,7 +11,6 @@ Requests are sorted by length and padded to power-of-two widths, so batching cha
 import dataclasses
 import functools
 import json
-import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,41 +50,26 @@ class Task:
 
 def read_checkpoint(checkpoints: checkpoint.Checkpoints, pinned: int | None):
     """(step, meta, params, graphdef) of step `pinned`, or of the newest step that reads, onto the
-    devices present. Safe beside the train.py writing the workdir: the steps it lists are committed
-    ones; one that vanishes while being read (rotated away by keep_checkpoints) sends it back to
-    the newest, one that stays unreadable is skipped with a warning (never moved: the workdir is
-    the training's)."""
-    while True:
-        checkpoints.manager.reload()
-        steps = checkpoints.steps()
-        if not steps:
-            raise UserError(f"--workdir: {checkpoints.directory.parent} has no checkpoints; train first with "
-                            f"train.py --workdir={checkpoints.directory.parent}")
-        if pinned is not None and pinned not in steps:
-            raise UserError(f"--step: {checkpoints.directory} has no step {pinned}; it has {sorted(steps)}")
-        for step in [pinned] if pinned is not None else steps:
-            try:
-                meta = checkpoints.read_meta(step)
-                config = ml_collections.ConfigDict(meta["config"])
-                config.model.moe.capacity_factor = 0.0  # evaluation never drops a token from its experts
-                config.model.site_impl = "fast"  # compile-only (and absent from checkpoints before it existed)
-                mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
-                graphdef, _, abstract_params = abstract_model(config.model, mesh)
-                params = checkpoints.restore_params(step, abstract_params)
-                meta["config"] = config.to_dict()
-                return step, meta, params, graphdef
-            except checkpoint.UNREADABLE as e:  # noqa: BLE001
-                checkpoints.manager.reload()
-                if step not in checkpoints.steps():
-                    logging.warning("checkpoint %s/%d was deleted while being read; trying the newest", checkpoints.directory, step)
-                    break  # list the steps again
-                if pinned is not None:
-                    raise UserError(f"--step: {checkpoints.directory}/{step} cannot be read ({type(e).__name__}: "
-                                    f"{str(e).splitlines()[0] if str(e) else ''}); choose another step") from None
-                logging.warning("checkpoint %s/%d cannot be read (%s); trying the one before", checkpoints.directory,
-                                step, type(e).__name__)
-        else:
-            raise UserError(f"--workdir: none of the checkpoints in {checkpoints.directory} can be read")
+    devices present; safe beside the train.py writing the workdir (checkpoint.read_newest), whose
+    unreadable steps it skips but never moves."""
+    def read(step):
+        meta = checkpoints.read_meta(step)
+        config = ml_collections.ConfigDict(meta["config"])
+        config.model.moe.capacity_factor = 0.0  # evaluation never drops a token from its experts
+        config.model.site_impl = "fast"  # compile-only (and absent from checkpoints before it existed)
+        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
+        graphdef, _, abstract_params = abstract_model(config.model, mesh)
+        params = checkpoints.restore_params(step, abstract_params)
+        meta["config"] = config.to_dict()
+        return meta, params, graphdef
+
+    if not checkpoints.steps():
+        raise UserError(f"--workdir: {checkpoints.directory.parent} has no checkpoints; train first with "
+                        f"train.py --workdir={checkpoints.directory.parent}")
+    newest = checkpoints.read_newest(read, owner=False, pinned=pinned)
+    if newest is None:
+        raise UserError(f"--workdir: none of the checkpoints in {checkpoints.directory} can be read")
+    return newest[0], *newest[1]
 
 
 class LanguageModel:
