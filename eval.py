@@ -16,15 +16,14 @@ from pathlib import Path
 from absl import flags
 
 from mhc_jax import cli, workdirs
-from mhc_jax.errors import UserError
 from mhc_jax.evals import eval_data
 from mhc_jax.evals.harness import LanguageModel, write_results
 from mhc_jax.evals.registry import TASKS
 
 WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir with checkpoints")
 STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the newest)")
-TASK_NAMES = flags.DEFINE_list("tasks", ["perplexity", "mmlu", "gsm8k", "bbh", "drop"], f"any of {', '.join(TASKS)}")
-LIMIT = flags.DEFINE_integer("limit", None, "score only the first K examples of each task (a quick look)")
+TASK_NAMES = cli.define_choices("tasks", ["perplexity", "mmlu", "gsm8k", "bbh", "drop"], TASKS, "the tasks")
+LIMIT = flags.DEFINE_integer("limit", None, "score only the first K examples of each task (a quick look)", lower_bound=1)
 DATA_DIR = flags.DEFINE_string("data_dir", "data/eval", "the folder made by scripts/fetch_eval_data.py")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
 MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "prompts are cut to their last this many tokens")
@@ -33,13 +32,8 @@ MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "prompts are cut to their 
 def main(argv):
     cli.expect(argv, (WORKDIR, "runs/mhc-10m"))
     workdirs.check_reachable(WORKDIR.value, "--workdir")
-    unknown = [name for name in TASK_NAMES.value if name not in TASKS]
-    if unknown:
-        raise UserError(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     if any(name != "perplexity" for name in TASK_NAMES.value):
         eval_data.check(DATA_DIR.value)
-    if LIMIT.value is not None and LIMIT.value < 1:
-        raise UserError(f"--limit: must be at least 1, got {LIMIT.value}")
     model = LanguageModel(WORKDIR.value, STEP.value, BATCH_SIZE.value, MAX_LENGTH.value)
     path = workdirs.path(WORKDIR.value) / "eval" / str(model.step) / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"step": model.step, "tasks": {}}

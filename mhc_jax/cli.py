@@ -19,6 +19,21 @@ def define_config_flag() -> flags.FlagHolder:
         "config", None, "configs/pretrain.py:<variant>,<scale>, e.g. configs/pretrain.py:mhc,10m")
 
 
+def define_choices(name: str, default: list[str], choices, help: str) -> flags.FlagHolder:
+    """A comma-separated list flag whose every item is one of `choices`, checked while the flags are
+    parsed (so a bad item is one line naming --<name>, like every other flag error)."""
+    holder = flags.DEFINE_list(name, default, f"{help}: any of {', '.join(choices)}")
+
+    def check(values):
+        unknown = [value for value in values if value not in choices]
+        if unknown:
+            raise flags.ValidationError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+        return True
+
+    flags.register_validator(name, check)
+    return holder
+
+
 def fail(message: str) -> None:
     sys.stderr.write(f"error: {message}\n")  # one write: lines of several processes on one terminal stay whole
     sys.stderr.flush()

@@ -34,13 +34,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import flags  # noqa: E402
 
-from configs.pretrain import set_variant, validate  # noqa: E402
+from configs import pretrain  # noqa: E402
 from mhc_jax import cli, data, profile, sharding, trainer  # noqa: E402
 from mhc_jax import logging as runlog  # noqa: E402
-from mhc_jax.errors import UserError  # noqa: E402
 
 CONFIG = cli.define_config_flag()
-VARIANTS = flags.DEFINE_list("variants", None, "residual connections to time (default: the config's own)")
+VARIANTS = cli.define_choices("variants", None, pretrain.VARIANTS, "residual connections to time (default: the config's own)")
 STEPS = flags.DEFINE_integer("steps", 10, "timed rounds after one untimed step of each variant")
 DEPTHS = flags.DEFINE_list("depths", [], "model.n_layers values at which to measure compile time, e.g. 12,48")
 PROFILE = flags.DEFINE_bool("profile", False, "trace one step per variant and report where its time goes")
@@ -105,13 +104,10 @@ def variant_configs(config, variants: list[str]) -> dict:
     configs = {}
     for variant in variants:
         candidate = config.copy_and_resolve_references()
-        try:
-            set_variant(candidate, variant)
-        except KeyError:
-            raise UserError(f"--variants: unknown {variant!r}; choose from residual, hc, hc_static, mhc") from None
+        pretrain.set_variant(candidate, variant)
         if n_streams and variant != "residual":
             candidate.model.n_streams = n_streams
-        validate(candidate)
+        pretrain.validate(candidate)
         configs[variant] = candidate
     return configs
 

@@ -23,12 +23,12 @@ from mhc_jax.evals import bbh, eval_data, gsm8k, harness, mmlu  # noqa: E402
 
 WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir with checkpoints")
 STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the newest)")
-TASK_NAMES = flags.DEFINE_list("tasks", ["mmlu", "gsm8k", "bbh"], "any of mmlu, gsm8k, bbh")
-LIMIT = flags.DEFINE_integer("limit", 5, "the first K examples of each task")
+OURS = {"mmlu": mmlu.TASK, "gsm8k": gsm8k.TASK, "bbh": bbh.TASK}  # the tasks that claim lm-eval's format
+TASK_NAMES = cli.define_choices("tasks", list(OURS), OURS, "the tasks")
+LIMIT = flags.DEFINE_integer("limit", 5, "the first K examples of each task", lower_bound=1)
 DATA_DIR = flags.DEFINE_string("data_dir", "data/eval", "the folder made by scripts/fetch_eval_data.py")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
 
-OURS = {"mmlu": mmlu.TASK, "gsm8k": gsm8k.TASK, "bbh": bbh.TASK}
 TOLERANCE = 1e-3  # log-likelihoods
 SHOWN = 3  # mismatches spelled out per kind and task
 
@@ -88,11 +88,6 @@ def compare(name: str, model, adapter, data_dir, limit: int) -> tuple[dict, list
 def main(argv):
     cli.expect(argv, (WORKDIR, "runs/mhc-debug"))
     workdirs.check_reachable(WORKDIR.value, "--workdir")
-    unknown = [name for name in TASK_NAMES.value if name not in OURS]
-    if unknown:
-        raise UserError(f"--tasks: {', '.join(unknown)} do not claim lm-eval's format; choose from {', '.join(OURS)}")
-    if LIMIT.value < 1:
-        raise UserError(f"--limit: must be at least 1, got {LIMIT.value}")
     eval_data.check(DATA_DIR.value)
     try:
         from mhc_jax.evals.lm_eval_adapter import HarnessModel
