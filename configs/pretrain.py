@@ -194,10 +194,8 @@ FIELD_RULES = {
 }
 
 RELATIONS = (
-    Relation("model.n_streams", lambda c: c.model.residual != "residual" or c.model.n_streams == 1,
-             "the residual variant has one stream; use model.residual=hc or mhc for more"),
-    Relation("model.n_streams", lambda c: c.model.residual != "mhc" or c.model.n_streams >= 2,
-             "mhc needs n >= 2 streams (n = 1 is the residual variant)"),
+    Relation("model.n_streams", lambda c: residual.stream_count_problem(c.model) is None,
+             lambda c: residual.stream_count_problem(c.model)),
     Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.d_model % c.model.n_heads == 0,
              "must be divisible by model.n_heads = {c.model.n_heads}"),
     Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.d_model // c.model.n_heads % 2 == 0,

@@ -246,6 +246,16 @@ class ManifoldHyperConnection(nnx.Module):
 SITES = {"residual": Residual, "hc": HyperConnection, "mhc": ManifoldHyperConnection}
 
 
+def stream_count_problem(cfg) -> str | None:
+    """Why cfg.residual's sites cannot run on cfg.n_streams streams, or None (configs/pretrain.py's
+    RELATIONS ask, with the rest of the config)."""
+    if cfg.residual == "residual" and cfg.n_streams != 1:
+        return "the residual variant has one stream; use model.residual=hc or mhc for more"
+    if cfg.residual == "mhc" and cfg.n_streams < 2:
+        return "mhc needs n >= 2 streams (n = 1 is the residual variant)"
+    return None
+
+
 def make_site(cfg, site, rngs: nnx.Rngs) -> nnx.Module:
     """The residual site with index `site` (2 * layer for attention, 2 * layer + 1 for the MLP)."""
     return SITES[cfg.residual](cfg, site, rngs)

@@ -92,10 +92,10 @@ class Text:
 @dataclass(frozen=True)
 class Relation:
     """`holds(config)` must be true; otherwise `field` is named with `message`, formatted with the
-    config as `c` (e.g. 'must be <= train.steps = {c.train.steps}')."""
+    config as `c` (e.g. 'must be <= train.steps = {c.train.steps}'), or `message(config)`."""
     field: str
     holds: object
-    message: str
+    message: object
 
 
 def leaves(config, prefix: str = "") -> dict:
@@ -121,4 +121,5 @@ def check(config, rules: dict, relations: tuple) -> None:
     for relation in relations:
         if not relation.holds(config):
             value = leaves(config)[relation.field]
-            raise UserError(f"{relation.field}: got {value!r}; " + relation.message.format(c=config))
+            message = relation.message(config) if callable(relation.message) else relation.message.format(c=config)
+            raise UserError(f"{relation.field}: got {value!r}; {message}")
