@@ -93,11 +93,13 @@ def candidate_meshes(config, devices: int) -> list[dict]:
     return meshes
 
 
-def suggest(config, family: str, mfu: float, compile_for) -> dict:
-    """The smallest slice of `family` that fits, by bisection over the slice sizes with the most
-    frugal mesh and remat='full'; then, on that slice, the lightest remat policy that still fits.
-    `compile_for(config, topology)` returns dry_run's report; every attempt is listed."""
-    names = topology.tpu_names(family)
+def suggest(config, start: topology.Topology, compile_for) -> dict:
+    """The smallest slice of `start`'s family that fits, found by walking from `start` (the slice the
+    user names, so that a good guess costs two compiles): down one size while the slice below still
+    fits, or up one size until one fits, each with the most frugal mesh and remat='full'; then, on
+    that slice, the lightest remat policy that still fits. `compile_for(config, topology)` returns
+    dry_run's report; every attempt is listed."""
+    names = topology.tpu_names(start.family)
     attempts = []
 
     def attempt(name, mesh, remat):
@@ -109,27 +111,34 @@ def suggest(config, family: str, mfu: float, compile_for) -> dict:
                         {"total_per_device": report.get("total_per_device")})
         return report
 
-    low, high, best = 0, len(names) - 1, None
-    while low <= high:
-        middle = (low + high) // 2
-        meshes = candidate_meshes(config, topology.parse(names[middle]).devices)
-        if not meshes:  # more devices than the batch can be split over: look at smaller slices
-            high = middle - 1
-            continue
-        report = attempt(names[middle], meshes[0], "full")
-        if report["fits"]:
-            best, high = (middle, report), middle - 1
-        else:
-            low = middle + 1
+    def frugal(index):
+        """The report of slice `index` with the most frugal mesh, or None when the batch does not
+        split over its devices."""
+        meshes = candidate_meshes(config, topology.parse(names[index]).devices)
+        return attempt(names[index], meshes[0], "full") if meshes else None
+
+    index = names.index(start.name)
+    while index > 0 and not candidate_meshes(config, topology.parse(names[index]).devices):
+        index -= 1  # more devices than the batch splits over: start from the largest slice it does
+    best, report = None, frugal(index)
+    if report is not None and report["fits"]:
+        best = (index, report)
+        while index > 0 and (report := frugal(index - 1)) is not None and report["fits"]:
+            index -= 1
+            best = (index, report)
+    else:
+        while best is None and index + 1 < len(names) and (report := frugal(index + 1)) is not None:
+            index += 1
+            best = (index, report) if report["fits"] else None
     if best is None:
-        return {"family": family, "fits": False, "attempts": attempts}
+        return {"family": start.family, "fits": False, "attempts": attempts}
     name, chosen = names[best[0]], best[1]
     for remat in REMAT_BY_MEMORY[1:]:
         report = attempt(name, chosen["mesh"], remat)
         if not report["fits"]:
             break
         chosen = report
-    return {"family": family, "fits": True, "smallest": name, "mesh": chosen["mesh"], "remat": chosen["remat"],
+    return {"family": start.family, "fits": True, "smallest": name, "mesh": chosen["mesh"], "remat": chosen["remat"],
             "report": chosen, "attempts": attempts}
 
 

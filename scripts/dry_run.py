@@ -6,8 +6,9 @@ does not have and prints what each device needs.
 
 --topology: a TPU slice (v5p-8 ... v5p-2048, v6e-1 ... v6e-256, v5e-1 ... v5e-256) or cpu:N (N simulated
 CPU devices). TPU slices need the TPU compiler: `make tpu-compiler` installs libtpu into .venv/libtpu,
-outside the training environment. --suggest searches the topology's family for the smallest slice
-that fits (bisection over slice sizes with the most frugal mesh, then the lightest remat policy).
+outside the training environment. --suggest finds the smallest slice of the topology's family that
+fits, walking from the one named (down while the next smaller fits, or up until one fits; the most
+frugal mesh), then the lightest remat policy that still fits there.
 Exit 0: fits; 1: does not fit; 2: bad input.
 """
 
@@ -30,7 +31,7 @@ from mhc_jax import aot, cli  # noqa: E402
 CONFIG = cli.define_config_flag()
 TOPOLOGY = flags.DEFINE_string("topology", None, "v5p-256, v6e-64, v5e-16, cpu:8, ...")
 MFU = flags.DEFINE_float("mfu", 0.4, "model FLOP utilization assumed for the time estimate")
-SUGGEST = flags.DEFINE_bool("suggest", False, "find the smallest slice of the topology's family that fits")
+SUGGEST = flags.DEFINE_bool("suggest", False, "find the smallest slice of the topology's family that fits, starting from the topology")
 JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
 
 
@@ -89,7 +90,7 @@ def main(argv):
     if SUGGEST.value:
         if target.platform != "tpu":
             cli.fail(f"--suggest: searches TPU slices; got --topology={target.name}")
-        result = aot.suggest(config, target.family, MFU.value, compile_for)
+        result = aot.suggest(config, target, compile_for)
         if JSON.value:
             print(json.dumps(result))
         else:

@@ -57,8 +57,12 @@ def test_dry_run_bad_inputs():
                       "train.batch_size: 8", "= 3 devices")
 
 
-def test_suggest_bisects_to_the_smallest_slice_then_the_lightest_remat():
-    """The search with a stand-in for the compiler: a slice fits from 64 devices up, remat 'none' never."""
+@pytest.mark.parametrize("start,walk", [("v5p-256", ["v5p-256", "v5p-128", "v5p-64"]),
+                                         ("v5p-32", ["v5p-32", "v5p-64", "v5p-128"]),
+                                         ("v5p-2048", ["v5p-2048", "v5p-1024", "v5p-512", "v5p-256", "v5p-128", "v5p-64"])])
+def test_suggest_walks_from_the_named_slice_to_the_smallest_that_fits_then_the_lightest_remat(start, walk):
+    """The search with a stand-in for the compiler: a slice fits from 64 devices (v5p-128) up, remat
+    'none' never; from above it walks down, from below up, each slice with remat 'full' first."""
     config = get_config("residual,1b")
     tried = []
 
@@ -67,10 +71,12 @@ def test_suggest_bisects_to_the_smallest_slice_then_the_lightest_remat():
         fits = target.devices >= 64 and candidate.model.remat != "none"
         return {"topology": target.name, "mesh": dict(candidate.mesh), "remat": candidate.model.remat, "fits": fits}
 
-    result = aot.suggest(config, "v5p", 0.4, compile_for)
+    result = aot.suggest(config, topology.parse(start), compile_for)
     assert result["smallest"] == "v5p-128" and result["remat"] == "dots" and result["fits"]
     assert result["mesh"]["fsdp"] * result["mesh"]["tensor"] == 64
-    assert len(tried) <= 6 and tried[-2:] == [("v5p-128", "dots"), ("v5p-128", "none")]
+    assert tried == [(name, "full") for name in walk] + [("v5p-128", "dots"), ("v5p-128", "none")]
+    tried.clear()
+    assert not aot.suggest(config, topology.parse(start), lambda c, t: compile_for(c, t) | {"fits": False})["fits"]
 
 
 def test_topology_names():
