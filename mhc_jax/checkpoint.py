@@ -27,14 +27,28 @@ UNREADABLE = Exception
 
 class Checkpoints:
     def __init__(self, workdir: str | epath.Path, keep: int | None = None, create: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create)
+        # A reader (create=False) lists the step folders without reading their metadata yet: beside a
+        # writer a step can vanish in between (reload() lists again).
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create,
+                                               lightweight_initialize=not create)
         self.directory = workdirs.path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def steps(self) -> list[int]:
-        """The committed steps, newest first."""
+        """The committed steps as last listed, newest first."""
         return sorted(self.manager.all_steps(), reverse=True)
+
+    def reload(self, attempts: int = 20) -> None:
+        """Lists the committed steps again. orbax lists the step folders, then reads each one's
+        metadata; a step that the train.py writing the workdir rotates away in between raises, and
+        the listing is made again (an error that persists is raised)."""
+        for _ in range(attempts - 1):
+            try:
+                return self.manager.reload()
+            except OSError:  # FileNotFoundError, NotADirectoryError: a step folder went away
+                time.sleep(0.05)
+        self.manager.reload()
 
     def save(self, step: int, state, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -45,13 +59,13 @@ class Checkpoints:
 
     def read_newest(self, read, owner: bool, pinned: int | None = None):
         """(step, read(step)) for the newest step that reads (only `pinned` when given), or None when
-        no step does. The one recovery path of every reader: a step that vanishes while being read
-        (rotated away by the train.py writing the workdir) sends the search back to the newest; one
-        that stays unreadable is moved aside by the run that owns the workdir (`owner`: out of the
-        way of the next save of that step) and skipped, with a warning, by a reader beside it. A
-        UserError from `read` (a checkpoint of another experiment) is raised, never skipped."""
+        no step does. The one recovery path of every reader: a step that fails while the steps change
+        (the train.py writing the workdir saves one and rotates the oldest away) sends the search back
+        to the newest; one that stays unreadable is moved aside by the run that owns the workdir
+        (`owner`: out of the way of the next save of that step) and skipped, with a warning, by a
+        reader beside it. A UserError from `read` (a checkpoint of another experiment) is raised, never skipped."""
         while True:
-            self.manager.reload()
+            self.reload()
             steps = self.steps()
             if pinned is not None and pinned not in steps:
                 raise UserError(f"--step: {self.directory} has no step {pinned}; it has {sorted(steps)}")
@@ -61,17 +75,18 @@ class Checkpoints:
                 except UserError:
                     raise
                 except UNREADABLE as e:  # noqa: BLE001
-                    self.manager.reload()
+                    self.reload()
                     reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    if step not in self.steps():
-                        logging.warning("checkpoint %s/%d was deleted while being read; trying the newest",
-                                        self.directory, step)
+                    if self.steps() != steps:  # saved, rotated away or set aside meanwhile
+                        logging.warning("checkpoint %s/%d: the steps changed while it was read (%s); trying the newest",
+                                        self.directory, step, reason)
                         break  # list the steps again
                     if pinned is not None:
                         raise UserError(f"--step: {self.directory}/{step} cannot be read ({reason}); "
                                         "choose another step") from None
                     if owner:
                         self.set_aside(step, reason)
+                        steps = self.steps()
                     else:
                         logging.warning("checkpoint %s/%d cannot be read (%s); trying the one before",
                                         self.directory, step, reason)
@@ -112,7 +127,7 @@ class Checkpoints:
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(damaged)
         multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
-        self.manager.reload()
+        self.reload()
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

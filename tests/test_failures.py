@@ -154,7 +154,7 @@ def test_a_reader_beside_the_run_follows_a_step_deleted_under_it_and_skips_unrea
         return checkpoints.read_meta(step)
 
     assert checkpoints.read_newest(read, owner=False) == (1, {"step": 1})
-    assert tried == [3, 2, 1] and "3 was deleted while being read" in caplog.text
+    assert tried == [3, 2, 1] and "3: the steps changed while it was read" in caplog.text
     assert "2 cannot be read" in caplog.text and sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
     with pytest.raises(UserError, match="--step: .*/2 cannot be read"):
         checkpoints.read_newest(read, owner=False, pinned=2)
