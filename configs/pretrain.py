@@ -77,7 +77,7 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     m.dtype = "auto"  # compute dtype of activations: 'auto' is bfloat16 on GPU/TPU, float32 on CPU; params stay float32
     m.scan_layers = True  # lax.scan over the stacked blocks: compile time independent of depth
     m.remat = shape["remat"]  # per-block rematerialization: 'none', 'full' (keep the stream and the HC/mHC coefficients) or 'dots'
-    m.site_impl = "fast"  # HC/mHC sites: 'fast' (fused passes over the stream) or 'reference' (the plain math, for checks)
+    m.site_impl = "fast"  # HC/mHC coefficients: 'fast' (RMS factor after the projection, Sinkhorn recomputed in backward) or 'reference' (the plain math, for checks)
 
     mla = m.mla = ml_collections.ConfigDict()  # multi-head latent attention (DeepSeek-V2/V3), attention='mla'
     mla_shape = shape.get("mla", PAPER_MLA)
