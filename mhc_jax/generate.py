@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mhc_jax import sharding
 from mhc_jax.tokenizer import Tokenizer
 
 STOP_CHECK_EVERY = 8  # steps between looking for stop sequences on the host
@@ -45,11 +46,13 @@ class Generator:
     def __init__(self, graphdef, params, tokenizer: Tokenizer, batch_size: int, max_length: int):
         self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
+        self.mesh = sharding.abstract_mesh_of(params)  # the steps trace under it
 
     @functools.partial(jax.jit, static_argnums=(0, 4))
     def _prefill(self, params, tokens_BP, start_B, slots):
-        model = nnx.merge(self.graphdef, params)
-        logits_BPV, cache = model(tokens_BP, cache=model.init_cache(start_B, slots))
+        with jax.sharding.use_abstract_mesh(self.mesh):
+            model = nnx.merge(self.graphdef, params)
+            logits_BPV, cache = model(tokens_BP, cache=model.init_cache(start_B, slots))
         return logits_BPV[:, -1], cache
 
     @functools.partial(jax.jit, static_argnums=(0,))
@@ -57,7 +60,8 @@ class Generator:
         greedy = jnp.argmax(logits_BV, axis=-1)
         sampled = jax.random.categorical(key, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1)
         token_B = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
-        logits_B1V, cache = nnx.merge(self.graphdef, params)(token_B[:, None], cache=cache)
+        with jax.sharding.use_abstract_mesh(self.mesh):
+            logits_B1V, cache = nnx.merge(self.graphdef, params)(token_B[:, None], cache=cache)
         return token_B, logits_B1V[:, 0], cache
 
     def generate(self, prompts: list[str], until: list[str], max_new_tokens: int,

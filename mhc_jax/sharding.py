@@ -92,6 +92,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def abstract_mesh_of(arrays) -> jax.sharding.AbstractMesh:
+    """The mesh that (concrete) arrays are laid out on, an empty one for arrays on one device. A
+    jitted function traced under it (`jax.sharding.use_abstract_mesh`) applies `constrain`; without
+    it XLA chose layouts that ran an 8-device forward pass 8x slower than one device."""
+    layout = jax.tree.leaves(arrays)[0].sharding
+    return layout.mesh.abstract_mesh if isinstance(layout, NamedSharding) else jax.sharding.AbstractMesh((), ())
+
+
 def constrain(x: jax.Array, logical_axes: tuple) -> jax.Array:
     """Pins an activation's sharding inside jit under `jax.set_mesh`; a no-op without a mesh."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
@@ -55,6 +56,20 @@ def test_batching_changes_no_loglikelihood(workdir):
     np.testing.assert_allclose([s for s, _ in together], [s for s, _ in alone], rtol=1e-5)
     assert [g for _, g in together] == [g for _, g in alone]
     assert all(s < 0 for s, _ in alone)
+
+
+def test_scoring_and_decoding_split_the_batch_over_the_devices(workdir):
+    """Traced under the parameters' mesh, the model's sharding constraints apply: each of the 8
+    devices scores and decodes its share of the batch (computed whole on every device, an 8-device
+    forward pass ran 8x slower than one device's)."""
+    assert jax.device_count() == 8
+    model = LanguageModel(workdir, batch_size=8)
+    tokens_BT = np.zeros((8, 64), np.int32)
+    scoring = model._token_logprobs.lower(model, model.params, tokens_BT, tokens_BT).compile()
+    prefill = model.generator._prefill.lower(model.generator, model.params, tokens_BT, np.zeros(8, np.int32),
+                                             128).compile()
+    for compiled in (scoring, prefill):
+        assert compiled.output_shardings[0].spec[0] is not None, compiled.output_shardings[0]
 
 
 def test_rolling_loglikelihood_is_the_text_after_end_of_text(workdir):

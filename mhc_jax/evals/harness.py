@@ -90,7 +90,8 @@ class LanguageModel:
 
     @functools.partial(jax.jit, static_argnums=0)
     def _token_logprobs(self, params, inputs_BT, targets_BT):
-        logits_BTV = nnx.merge(self.graphdef, params)(inputs_BT)
+        with jax.sharding.use_abstract_mesh(self.generator.mesh):
+            logits_BTV = nnx.merge(self.graphdef, params)(inputs_BT)
         logprobs_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
         return logprobs_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
 
