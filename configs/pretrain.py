@@ -7,9 +7,8 @@ e.g. `--config.model.n_streams=2 --config.model.mhc.sinkhorn_iters=40`.
 import ml_collections
 
 from configs.scales import DENSE_MOE, PAPER_MLA, SCALES
-from mhc_jax import attention, model, optim, residual, validation
 from mhc_jax.errors import UserError
-from mhc_jax.validation import FLAG, Choice, Number, Relation, Text
+from mhc_jax.model import residual
 
 # Training defaults by scale: (steps, global batch in sequences, seq_len, peak lr, warmup steps).
 TRAINING = {
@@ -24,45 +23,29 @@ TRAINING = {
     "27b": (50000, 1280, 4096, 4.0e-4, 2000),
 }
 
-# variant -> (model.residual, model.n_streams); 'hc_static' also sets model.hc.dynamic = False.
-VARIANTS = {
-    "residual": ("residual", 1),
-    "hc": ("hc", 4),
-    "hc_static": ("hc", 4),
-    "mhc": ("mhc", 4),
-}
-
-
 def parse_spec(spec: str) -> tuple[str, str]:
     parts = [p.strip() for p in (spec or "").split(",")]
     if len(parts) != 2:
         raise UserError(
             f"config: expected '<variant>,<scale>' after 'pretrain.py:', got {spec!r} "
-            f"(variants: {', '.join(VARIANTS)}; scales: {', '.join(SCALES)})")
+            f"(variants: {', '.join(residual.VARIANTS)}; scales: {', '.join(SCALES)})")
     variant, scale = parts
-    if variant not in VARIANTS:
-        raise UserError(f"config: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant not in residual.VARIANTS:
+        raise UserError(f"config: unknown variant {variant!r}; choose one of {', '.join(residual.VARIANTS)}")
     if scale not in SCALES:
         raise UserError(f"config: unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     return variant, scale
 
 
-def set_variant(config: ml_collections.ConfigDict, variant: str) -> None:
-    """Makes `config` run `variant`'s residual connection, every other field unchanged."""
-    model = config.model
-    model.residual, model.n_streams = VARIANTS[variant]
-    model.hc.dynamic = variant != "hc_static"
-
-
 def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     variant, scale = parse_spec(spec)
-    residual, n_streams = VARIANTS[variant]
+    residual_kind, n_streams = residual.VARIANTS[variant]
     shape = SCALES[scale]
 
     config = ml_collections.ConfigDict()
     config.scale = scale  # the scale's name, for tables (scripts/compare.py); its shape is in model.*
     m = config.model = ml_collections.ConfigDict()
-    m.residual = residual  # 'residual' (x + F(x)), 'hc' (Hyper-Connections) or 'mhc' (manifold-constrained HC)
+    m.residual = residual_kind  # 'residual' (x + F(x)), 'hc' (Hyper-Connections) or 'mhc' (manifold-constrained HC)
     m.n_streams = n_streams  # n: parallel residual streams; 1 for 'residual', the papers use 4
     m.vocab_size = shape["vocab_size"]  # the data's tokenizer overrides it once the data pipeline lands
     m.d_model = shape["d_model"]  # C: width of each stream
@@ -85,7 +68,7 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     mla.rope_dim = mla_shape["rope_dim"]  # dims of the RoPE query part and of the RoPE key that all heads share
     mla.head_dim = mla_shape["head_dim"]  # per-head dims of the no-RoPE query/key part and of the values
 
-    moe = m.moe = ml_collections.ConfigDict()  # DeepSeekMoE FFNs with V3 routing (mhc_jax/moe.py)
+    moe = m.moe = ml_collections.ConfigDict()  # DeepSeekMoE FFNs with V3 routing (mhc_jax/model/moe.py)
     moe_shape = shape.get("moe", DENSE_MOE)
     moe.n_experts = moe_shape["n_experts"]  # routed experts per MoE layer; 0 makes every layer dense
     moe.top_k = moe_shape["top_k"]  # routed experts per token, chosen on sigmoid affinity + router bias
@@ -150,76 +133,10 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
 
     log = config.log = ml_collections.ConfigDict()
     log.progress = True  # a progress bar with loss, tokens/s and ETA (process 0)
+    log.tensorboard = True  # TensorBoard event files in WORKDIR/tensorboard, the scalars of metrics.jsonl
     log.wandb = False  # also log to Weights & Biases
     log.wandb_mode = "offline"  # 'offline' needs no network (sync later with `wandb sync`); or 'online'
     log.wandb_project = "mhc-jax"  # the W&B project
     log.wandb_group = ""  # W&B group of the run; scripts/sweep.py gives a sweep's runs one group
-    log.peak_tflops = 0.0  # per-device peak for MFU; 0 looks the device up in mhc_jax/logging.py
+    log.peak_tflops = 0.0  # per-device peak for MFU; 0 looks the device up in mhc_jax/training/flops.py
     return config
-
-
-# What every field of get_config accepts (validation.py); tests/test_configs.py tries a bad value of each.
-COUNT, SIZE = Number(int, 0), Number(int, 1)  # >= 0, >= 1
-POSITIVE, NON_NEGATIVE, ANY = Number(float, 0, above=True), Number(float, 0), Number(float)
-FRACTION = Number(float, 0, 1)
-MESH_AXIS = Number(int, 1, special=(-1,))
-FIELD_RULES = {
-    "scale": Choice(tuple(SCALES)),
-    "model.residual": Choice(tuple(residual.SITES)), "model.n_streams": SIZE,
-    "model.vocab_size": SIZE, "model.d_model": SIZE, "model.n_layers": SIZE, "model.n_heads": SIZE,
-    "model.n_kv_heads": SIZE, "model.d_ff": SIZE, "model.attention": Choice(attention.KINDS),
-    "model.tie_embeddings": FLAG, "model.rope_theta": POSITIVE, "model.norm_eps": POSITIVE,
-    "model.dtype": Choice(model.DTYPES), "model.scan_layers": FLAG, "model.remat": Choice(tuple(model.REMAT_POLICIES)),
-    "model.site_impl": Choice(residual.IMPLEMENTATIONS),
-    "model.mla.kv_rank": SIZE, "model.mla.rope_dim": SIZE, "model.mla.head_dim": SIZE,
-    "model.moe.n_experts": COUNT, "model.moe.top_k": COUNT, "model.moe.n_shared": COUNT, "model.moe.d_expert": COUNT,
-    "model.moe.first_dense_layers": COUNT, "model.moe.routed_scale": POSITIVE, "model.moe.capacity_factor": ANY,
-    "model.moe.bias_update_rate": NON_NEGATIVE, "model.moe.balance_loss_weight": NON_NEGATIVE,
-    "model.hc.dynamic": FLAG, "model.hc.use_tanh": FLAG, "model.hc.scale_init": ANY, "model.hc.out_proj_scale": POSITIVE,
-    "model.mhc.alpha_init": ANY, "model.mhc.res_init_scale": ANY, "model.mhc.phi_init_scale": NON_NEGATIVE,
-    "model.mhc.sinkhorn_iters": SIZE, "model.mhc.coeff_dtype": Choice(residual.COEFF_DTYPES),
-    "model.mhc.use_pre": FLAG, "model.mhc.use_post": FLAG, "model.mhc.use_res": FLAG,
-    "train.steps": SIZE, "train.batch_size": SIZE, "train.seq_len": SIZE, "train.microbatches": SIZE,
-    "train.lr": POSITIVE, "train.schedule": Choice(optim.SCHEDULES), "train.warmup_steps": COUNT,
-    "train.min_lr_ratio": FRACTION, "train.decay_fraction": Number(float, 0, 1, above=True),
-    "train.weight_decay": NON_NEGATIVE, "train.b1": Number(float, 0, 1, below=True),
-    "train.b2": Number(float, 0, 1, below=True), "train.eps": POSITIVE, "train.grad_clip": POSITIVE,
-    "train.seed": COUNT, "train.log_every": SIZE, "train.eval_every": SIZE, "train.eval_batches": COUNT,
-    "train.diag_every": SIZE, "train.checkpoint_every": SIZE, "train.keep_checkpoints": SIZE, "train.stop_at_step": COUNT,
-    "mesh.data": MESH_AXIS, "mesh.fsdp": MESH_AXIS, "mesh.expert": MESH_AXIS, "mesh.tensor": MESH_AXIS,
-    "mesh.max_replicated": FRACTION,
-    "data.dir": Text(),
-    "log.progress": FLAG, "log.wandb": FLAG, "log.wandb_mode": Choice(("offline", "online", "disabled")),
-    "log.wandb_project": Text(), "log.wandb_group": Text(empty=True), "log.peak_tflops": NON_NEGATIVE,
-}
-
-RELATIONS = (
-    Relation("model.n_streams", lambda c: residual.stream_count_problem(c.model) is None,
-             lambda c: residual.stream_count_problem(c.model)),
-    Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.d_model % c.model.n_heads == 0,
-             "must be divisible by model.n_heads = {c.model.n_heads}"),
-    Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.d_model // c.model.n_heads % 2 == 0,
-             "head_dim = d_model // n_heads must be even for RoPE"),
-    Relation("model.n_kv_heads", lambda c: c.model.attention != "mha" or c.model.n_heads % c.model.n_kv_heads == 0,
-             "must divide model.n_heads = {c.model.n_heads}"),
-    Relation("model.mla.rope_dim", lambda c: c.model.attention != "mla" or c.model.mla.rope_dim % 2 == 0,
-             "must be even for RoPE"),
-    Relation("model.moe.top_k", lambda c: not c.model.moe.n_experts or 1 <= c.model.moe.top_k <= c.model.moe.n_experts,
-             "must be between 1 and model.moe.n_experts = {c.model.moe.n_experts}"),
-    Relation("model.moe.d_expert", lambda c: not c.model.moe.n_experts or c.model.moe.d_expert >= 1,
-             "must be >= 1 in an MoE model (model.moe.n_experts > 0)"),
-    Relation("model.moe.first_dense_layers",
-             lambda c: not c.model.moe.n_experts or c.model.moe.first_dense_layers < c.model.n_layers,
-             "must be < model.n_layers = {c.model.n_layers} in an MoE model (n_experts = 0 makes it dense)"),
-    Relation("train.stop_at_step", lambda c: c.train.stop_at_step <= c.train.steps,
-             "must be <= train.steps = {c.train.steps} (0: run to train.steps)"),
-    Relation("train.microbatches", lambda c: c.train.batch_size % c.train.microbatches == 0,
-             "must divide train.batch_size = {c.train.batch_size}"),
-    Relation("mesh.fsdp", lambda c: [c.mesh[axis] for axis in ("data", "fsdp", "expert", "tensor")].count(-1) <= 1,
-             "at most one mesh axis may be -1 (it takes the devices the others leave)"),
-)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises UserError naming the first field of `config` that breaks FIELD_RULES or RELATIONS."""
-    validation.check(config, FIELD_RULES, RELATIONS)

@@ -8,8 +8,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from configs import pretrain
-from mhc_jax import host_memory
+from mhc_jax import config_rules, host_memory
 from mhc_jax.errors import UserError
 
 
@@ -130,15 +129,15 @@ def config_spec(config_flag: flags.FlagHolder) -> str:
 
 
 def load_config(config_flag: flags.FlagHolder, runnable=lambda config: config):
-    """The --config ConfigDict with overrides applied, every field validated (configs/pretrain.py's
-    FIELD_RULES); UserError if it cannot work. A config with placeholders (the stability study's
+    """The --config ConfigDict with overrides applied, every field validated
+    (config_rules.FIELD_RULES); UserError if it cannot work. A config with placeholders (the stability study's
     train.steps = 0) passes `runnable`, which makes the train config it stands for, to be validated."""
     config = config_flag.value
     if config is None:
         raise UserError("--config: required, e.g. --config=configs/pretrain.py:mhc,debug")
     try:
-        config.model  # noqa: B018 (config_flags reads the file on first access)
+        config.model
     except OSError:
         raise config_file_error(sys.argv) from None
-    pretrain.validate(runnable(config))
+    config_rules.validate(runnable(config))
     return config

@@ -1,5 +1,5 @@
 """Plots of a run's metrics.jsonl (loss curves and the composite Amax gain over training) and of the
-stability study's runs (mhc_jax/study.py)."""
+stability study's runs (mhc_jax/study/stability.py)."""
 
 import io
 import json
@@ -9,10 +9,11 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib import ticker
 
-from mhc_jax import workdirs  # noqa: E402
+from mhc_jax import workdirs
+from mhc_jax.model import residual
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -42,9 +43,10 @@ def plot_run(workdir):
     return _save(figure, workdirs.path(workdir) / "run.png", dpi=100)
 
 
-# The stability study (mhc_jax/study.py): one color per variant; lr x1 solid with the seeds' range
+# The stability study (mhc_jax/study/stability.py): one color per variant; lr x1 solid with the seeds' range
 # shaded, the stress learning rate dashed.
-COLORS = {"residual": "tab:gray", "hc": "tab:red", "hc_static": "tab:orange", "mhc": "tab:blue"}
+PALETTE = ("tab:gray", "tab:red", "tab:orange", "tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+COLORS = dict(zip(residual.VARIANTS, PALETTE))  # a new variant takes the next color
 
 
 def smooth(values: list[float], window: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Config validation: every field has a rule (its type, range or allowed values) and the relations
-between fields are listed; both tables are in configs/pretrain.py, next to the defaults.
+between fields are listed; both tables are in mhc_jax/config_rules.py.
 
 `check(config)` runs before anything is written and raises a UserError naming the first bad field,
 its value and what is allowed. A field without a rule is a bug of the table, reported the same way,
@@ -114,7 +114,7 @@ def check(config, rules: dict, relations: tuple) -> None:
     for field, value in leaves(config).items():
         rule = rules.get(field)
         if rule is None:
-            raise UserError(f"{field}: no validation rule for this field; add one to configs/pretrain.py's FIELD_RULES")
+            raise UserError(f"{field}: no validation rule for this field; add one to mhc_jax/config_rules.py's FIELD_RULES")
         problem = rule.problem(value)
         if problem:
             raise UserError(f"{field}: got {value!r}; must be {problem}")

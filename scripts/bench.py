@@ -3,197 +3,39 @@
     python scripts/bench.py --config=configs/pretrain.py:mhc,100m [--config.a.b=v ...]
                             [--variants=residual,hc,mhc] [--steps=10] [--depths=12,48] [--profile]
 
-The real train step (trainer.Experiment: forward, backward, AdamW, on all local devices with the
-config's mesh) on a batch from the data pipeline. `--variants` swaps only the residual connection
-(configs/pretrain.py's set_variant; hc and mhc keep an overridden model.n_streams). The variants'
-steps are timed interleaved, one step of each in turn, so that machine noise hits them alike;
-per variant:
-  step_seconds (median of --steps) with step_seconds_min and _max; step_time_vs_residual, the
-  median over rounds of the ratio within a round; tokens_per_sec; mfu (FLOPs per token as in
-  mhc_jax/logging.py, against peak_flops: the device's published bf16 peak, log.peak_tflops, or on
-  CPU a measured float32 matmul peak, as peak_source says); compile_seconds (lower + compile);
-  memory_bytes from XLA's memory analysis of the compiled step (arguments + temporaries + outputs
-  not aliased), and at the top device_peak_bytes where the device reports it (the whole process);
-  host_page_faults_per_step and kernel_seconds_per_step (the process's, medians; a CPU step that
-  faults in its temporaries again pays for it in the kernel, see mhc_jax/host_memory.py);
-  with --depths, compile_seconds at each depth (model.n_layers); with --profile, where the time
-  of one traced step goes (mhc_jax/profile.py).
-And the data pipeline: data_tokens_per_sec and how many times the fastest step it outruns.
+What it measures is described in mhc_jax/training/bench.py.
 """
 
 import json
-import os
-import resource
-import statistics
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from absl import flags  # noqa: E402
-
-from configs import pretrain  # noqa: E402
-from mhc_jax import cli, data, profile, sharding, trainer  # noqa: E402
-from mhc_jax import logging as runlog  # noqa: E402
+from mhc_jax import cli
+from mhc_jax.model import residual
+from mhc_jax.training import bench, trainer
 
 CONFIG = cli.define_config_flag()
-VARIANTS = cli.define_choices("variants", None, pretrain.VARIANTS, "residual connections to time (default: the config's own)")
-STEPS = flags.DEFINE_integer("steps", 10, "timed rounds after one untimed step of each variant")
+VARIANTS = cli.define_choices("variants", None, residual.VARIANTS,
+                              "residual connections to time (default: the config's own)")
+STEPS = flags.DEFINE_integer("steps", 10, "timed rounds after one untimed step of each variant", lower_bound=1)
 DEPTHS = flags.DEFINE_list("depths", [], "model.n_layers values at which to measure compile time, e.g. 12,48")
 PROFILE = flags.DEFINE_bool("profile", False, "trace one step per variant and report where its time goes")
-DATA_BATCHES = flags.DEFINE_integer("data_batches", 500, "batches read to time the pipeline")
-
-
-class Contender:
-    """One variant's compiled step, state and batch."""
-
-    def __init__(self, config, tokens_per_step: int, peak: float):
-        self.config = config
-        mesh = sharding.make_mesh(config.mesh)
-        trainer.check_mesh(config, mesh)
-        self.experiment = trainer.Experiment(config, mesh)
-        manifest = data.load_manifest(config.data.dir)
-        batches = data.train_batches(config.data.dir, manifest, seq_len=config.train.seq_len,
-                                     global_batch_size=config.train.batch_size, seed=0)
-        self.tokens = self.experiment.global_batch(batches[0])["tokens"]
-        self.state = self.experiment.init_state()
-        self.compiled, self.compile_seconds = compile_step(self.experiment, self.tokens)
-        self.flops_per_step = runlog.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step
-        self.peak, self.seconds, self.page_faults, self.kernel_seconds = peak, [], [], []
-
-    def step(self) -> float:
-        start = time.perf_counter()
-        self.state, metrics = self.compiled(self.state, self.tokens)
-        jax.block_until_ready(metrics)
-        return time.perf_counter() - start
-
-    def timed_step(self) -> float:
-        """A step for the statistics: its time, and the process's page faults and kernel time."""
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        seconds = self.step()
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        self.seconds.append(seconds)
-        self.page_faults.append(after.ru_minflt - before.ru_minflt)
-        self.kernel_seconds.append(after.ru_stime - before.ru_stime)
-        return seconds
-
-    def report(self, tokens_per_step: int) -> dict:
-        memory = self.compiled.memory_analysis()
-        seconds = statistics.median(self.seconds)
-        return {"step_seconds": round(seconds, 4), "step_seconds_min": round(min(self.seconds), 4),
-                "step_seconds_max": round(max(self.seconds), 4),
-                "tokens_per_sec": round(tokens_per_step / seconds, 1),
-                "mfu": round(self.flops_per_step / seconds / (self.peak * jax.device_count()), 4),
-                "compile_seconds": round(self.compile_seconds, 2),
-                "host_page_faults_per_step": int(statistics.median(self.page_faults)),
-                "kernel_seconds_per_step": round(statistics.median(self.kernel_seconds), 3),
-                "memory_bytes": int(memory.argument_size_in_bytes + memory.temp_size_in_bytes
-                                    + memory.output_size_in_bytes - memory.alias_size_in_bytes)}
-
-
-def compile_step(experiment, tokens) -> tuple:
-    start = time.perf_counter()
-    compiled = experiment.train_step.lower(experiment.abstract_state, tokens).compile()
-    return compiled, time.perf_counter() - start
-
-
-def variant_configs(config, variants: list[str]) -> dict:
-    n_streams = config.model.n_streams if config.model.residual != "residual" else None
-    configs = {}
-    for variant in variants:
-        candidate = config.copy_and_resolve_references()
-        pretrain.set_variant(candidate, variant)
-        if n_streams and variant != "residual":
-            candidate.model.n_streams = n_streams
-        pretrain.validate(candidate)
-        configs[variant] = candidate
-    return configs
-
-
-def measured_peak_flops() -> tuple[float, str]:
-    """Float32 FLOP/s of a 2048^2 matmul on device 0: the attainable peak used for CPU MFU."""
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(5):
-        matmul(a).block_until_ready()
-    return 5 * 2 * n**3 / (time.perf_counter() - start), "measured float32 2048x2048 matmul on device 0"
-
-
-def depth_compile_seconds(config, depths: list[int]) -> dict:
-    seconds = {}
-    for depth in depths:
-        deeper = config.copy_and_resolve_references()
-        deeper.model.n_layers = depth
-        experiment = trainer.Experiment(deeper, sharding.make_mesh(deeper.mesh))
-        tokens = jax.ShapeDtypeStruct((deeper.train.batch_size, deeper.train.seq_len + 1), jnp.int32,
-                                      sharding=experiment.batch_sharding)
-        seconds[str(depth)] = round(compile_step(experiment, tokens)[1], 2)
-    return seconds
-
-
-def data_tokens_per_sec(config) -> float:
-    manifest = data.load_manifest(config.data.dir)
-    batches = data.train_batches(config.data.dir, manifest, seq_len=config.train.seq_len,
-                                 global_batch_size=config.train.batch_size, seed=0)
-    iterator = data.train_iterator(batches)
-    next(iterator)  # starts the prefetch threads
-    start, tokens = time.perf_counter(), 0
-    for _ in range(DATA_BATCHES.value):
-        tokens += next(iterator)["tokens"][:, 1:].size
-    return tokens / (time.perf_counter() - start)
+DATA_BATCHES = flags.DEFINE_integer("data_batches", 500, "batches read to time the pipeline", lower_bound=1)
 
 
 def main(argv):
     cli.expect(argv, (CONFIG, "configs/pretrain.py:mhc,100m"))
     config = cli.load_config(CONFIG)
-    if STEPS.value < 1:
-        cli.fail(f"--steps: must be >= 1, got {STEPS.value}")
     try:
         depths = [int(d) for d in DEPTHS.value]
     except ValueError:
         cli.fail(f"--depths: expected layer counts such as 12,48, got {','.join(DEPTHS.value)}")
-    trainer.open_data(config, vocab_overridden=any(a.startswith("--config.model.vocab_size") for a in sys.argv))
-    configs = variant_configs(config, VARIANTS.value or [cli.config_spec(CONFIG).split(",")[0]])
-    t = config.train
-    tokens_per_step = t.batch_size * t.seq_len
-    peak, peak_source = runlog.peak_flops_per_device(config.log), "published peak of the device (or log.peak_tflops)"
-    if not peak:
-        peak, peak_source = measured_peak_flops()
-    contenders = {variant: Contender(c, tokens_per_step, peak) for variant, c in configs.items()}
-    for contender in contenders.values():
-        contender.step()  # the first call of a compiled step pays for buffer allocation
-    ratios = {variant: [] for variant in contenders}
-    for _ in range(STEPS.value):
-        round_seconds = {variant: contender.timed_step() for variant, contender in contenders.items()}
-        for variant, seconds in round_seconds.items():
-            if "residual" in round_seconds:
-                ratios[variant].append(seconds / round_seconds["residual"])
-    variants = {variant: contender.report(tokens_per_step) for variant, contender in contenders.items()}
-    for variant, result in variants.items():
-        if ratios[variant]:
-            result["step_time_vs_residual"] = round(statistics.median(ratios[variant]), 3)
-        if depths:
-            result["compile_seconds_by_depth"] = depth_compile_seconds(configs[variant], depths)
-        if PROFILE.value:
-            contender = contenders[variant]
-            result["profile"] = profile.profile(contender.compiled, contender.step)
-    pipeline = data_tokens_per_sec(config)
-    fastest = max(result["tokens_per_sec"] for result in variants.values())
-    stats = jax.devices()[0].memory_stats() or {}
-    report = {"config": cli.config_spec(CONFIG), "overrides": [a for a in sys.argv[1:] if a.startswith("--config.")],
-              "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-              "mesh": dict(contenders[next(iter(contenders))].experiment.mesh.shape),
-              "dtype": config.model.dtype, "seq_len": t.seq_len, "batch_size": t.batch_size, "steps": STEPS.value,
-              "peak_flops": round(peak), "peak_source": peak_source,
-              "memory_source": "XLA memory analysis of the compiled step",
-              "device_peak_bytes": stats.get("peak_bytes_in_use"), "variants": variants,
-              "data_tokens_per_sec": round(pipeline), "data_over_fastest_step": round(pipeline / fastest, 1)}
-    print(json.dumps(report))
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    trainer.open_data(config, vocab_overridden=any(a.startswith("--config.model.vocab_size") for a in overrides))
+    variants = VARIANTS.value or [cli.config_spec(CONFIG).split(",")[0]]
+    report = bench.benchmark(config, variants, STEPS.value, depths, PROFILE.value, DATA_BATCHES.value)
+    print(json.dumps({"config": cli.config_spec(CONFIG), "overrides": overrides, **report}))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,11 @@ to ROOT/compare for one local ROOT. Runs on different data or tokenizers are ref
 """
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from mhc_jax import cli, compare, plots, workdirs  # noqa: E402
+from mhc_jax import cli, plots, workdirs
+from mhc_jax.pods import compare
 
 OUT = flags.DEFINE_string("out", None, "where the table, summary.json and plots go (default: ROOT/compare)")
 

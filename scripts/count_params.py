@@ -4,17 +4,14 @@
 
 embedding: the token embedding table (+ the unembedding when untied); non_embedding: the rest;
 active: parameters one token is multiplied by (all but the input embedding lookup, and in MoE layers
-only top_k of the routed experts: the routing arithmetic of model.param_counts); residual_overhead: the
+only top_k of the routed experts: the routing arithmetic of transformer.param_counts); residual_overhead: the
 parameters of the HC/mHC sites, i.e. what the variant adds to the residual model of the same scale.
 """
 
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mhc_jax import cli, model  # noqa: E402
+from mhc_jax import cli
+from mhc_jax.model import transformer
 
 CONFIG = cli.define_config_flag()
 
@@ -22,7 +19,7 @@ CONFIG = cli.define_config_flag()
 def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}; usage: count_params.py --config=configs/pretrain.py:<variant>,<scale>")
-    print(json.dumps(model.param_counts(cli.load_config(CONFIG).model)))
+    print(json.dumps(transformer.param_counts(cli.load_config(CONFIG).model)))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,8 @@ Needs lm-eval 0.4.13 (requirements-test.txt).
 """
 
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from absl import flags  # noqa: E402
 

@@ -3,21 +3,19 @@
     python scripts/prepare_data.py --out=data/default            # Python's stdlib, a 32k BPE
     python scripts/prepare_data.py --out=data/web --source=shards/ --text_field=text --tokenizer=gpt2
 
-Sources, tokenizers and the folder layout are described in mhc_jax/corpus.py and mhc_jax/prepare.py.
+Sources, tokenizers and the folder layout are described in mhc_jax/data/corpus.py and mhc_jax/data/prepare.py.
 Running it again with the same arguments on the same sources changes nothing; a folder that holds
 another dataset is refused unless --overwrite is given.
 """
 
-import os
 import shlex
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from mhc_jax import cli, prepare  # noqa: E402
+from mhc_jax import cli
+from mhc_jax.data import prepare
 
 DEFAULTS = prepare.Recipe()
 OUT = flags.DEFINE_string("out", None, "the dataset folder to create, e.g. data/default")

@@ -7,7 +7,7 @@ Trains `residual`, `hc` and `mhc` at every seed with the same data order, optimi
 again at each stress seed with the learning rate multiplied by --stress_lr_factor. Unless
 --config.train.steps is set, it times a step of each variant first and gives every run the same number
 of steps, as many as the budget allows. Then it writes DIR/report.md with its plots (see
-mhc_jax/study.py for the folder). Running the same command again continues an interrupted study.
+mhc_jax/study/stability.py for the folder). Running the same command again continues an interrupted study.
 """
 
 import sys
@@ -17,10 +17,10 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mhc_jax import cli, study, study_report, trainer  # noqa: E402
-from mhc_jax.errors import UserError  # noqa: E402
+from mhc_jax import cli
+from mhc_jax.errors import UserError
+from mhc_jax.study import report, stability
+from mhc_jax.training import trainer
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parents[1] / "configs/stability.py") + ":10m",
@@ -52,23 +52,23 @@ def main(argv):
     if stress_seeds and STRESS_LR_FACTOR.value in (0.0, 1.0):
         cli.fail(f"--stress_lr_factor: must differ from 0 and 1, got {STRESS_LR_FACTOR.value:g} "
                  "(or pass --stress_seeds='' for no stress runs)")
-    config = cli.load_config(CONFIG, runnable=study.example_run_config)
+    config = cli.load_config(CONFIG, runnable=stability.example_run_config)
     vocab_overridden = "model.vocab_size" in config_flags.get_override_values(flags.FLAGS["config"])
     trainer.open_data(config, vocab_overridden)  # prepares data/default on first use
-    runs = study.study_runs(seeds, stress_seeds, STRESS_LR_FACTOR.value)
+    runs = stability.study_runs(seeds, stress_seeds, STRESS_LR_FACTOR.value)
     settings = {"budget_minutes": BUDGET.value, "seeds": seeds, "stress_seeds": stress_seeds,
                 "stress_lr_factor": STRESS_LR_FACTOR.value, "config": config.to_dict()}
     out = Path(OUT.value)
-    plan = study.load_plan(out, settings) or study.make_plan(out, config, runs, BUDGET.value, settings)
+    plan = stability.load_plan(out, settings) or stability.make_plan(out, config, runs, BUDGET.value, settings)
     print(f"{len(runs)} runs of {plan['steps']} steps in {out}", flush=True)
-    if not study.train_runs(out, config, runs, plan["steps"], vocab_overridden):
+    if not stability.train_runs(out, config, runs, plan["steps"], vocab_overridden):
         print("stopped; run the same command to continue", flush=True)
         return 0
-    timings = study.read_timings(out)
-    h_res = study.representative_h_res(out, config, runs, plan["steps"])
+    timings = stability.read_timings(out)
+    h_res = stability.representative_h_res(out, config, runs, plan["steps"])
     command = " ".join(["python", "scripts/stability.py", *sys.argv[1:]])
-    report = study_report.write_report(out, runs, plan, timings, h_res, command, config)
-    print(f"wrote {report} and its plots; this invocation took {(time.perf_counter() - started) / 60:.1f} min",
+    written = report.write_report(out, runs, plan, timings, h_res, command, config)
+    print(f"wrote {written} and its plots; this invocation took {(time.perf_counter() - started) / 60:.1f} min",
           flush=True)
     return 0
 

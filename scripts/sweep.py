@@ -11,19 +11,14 @@ The same command again skips finished runs and resumes interrupted ones. A sweep
 and overrides (configs/sweeps/); flags given here take precedence. Runs share the wandb group --group.
 """
 
-import json
-import os
 import shlex
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from absl import flags
 
-from absl import flags  # noqa: E402
-
-from mhc_jax import cli, sweep, workdirs  # noqa: E402
-from mhc_jax.errors import UserError  # noqa: E402
+from mhc_jax import cli, workdirs
+from mhc_jax.errors import UserError
+from mhc_jax.pods import launchers, sweep
 
 SWEEP_ROOT = flags.DEFINE_string("root", None, "folder or bucket (gs://...) that holds one workdir per run")
 VARIANTS = flags.DEFINE_list("variants", ["residual", "hc", "mhc"], "residual connections to compare")
@@ -61,36 +56,6 @@ def grid_from_flags() -> tuple[list[str], list[str], list[int], list[str]]:
     return list(pick(VARIANTS, "variants")), list(pick(SCALES, "scales")), seeds, overrides
 
 
-def check_fits(runs, topology: str) -> None:
-    """scripts/dry_run.py for every run; the sweep is refused (exit 1) when one does not fit."""
-    refused = []
-    for run in runs:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/dry_run.py"), f"--topology={topology}",
-                                 "--json", run.config_flag, *run.overrides],
-                                capture_output=True, text=True, cwd=ROOT)
-        if result.returncode == 2:
-            raise UserError(f"--dry_run_topology: {run.name}: {result.stderr.strip().splitlines()[-1]}")
-        report = json.loads(result.stdout)
-        total, memory = report.get("total_per_device"), report["memory_per_device"]
-        usage = f" ({total / 2**30:.1f} of {memory / 2**30:.1f} GiB per device)" if total else ""
-        print(f"{run.name:<32} {'fits' if report['fits'] else 'DOES NOT FIT'} on {topology}{usage}")
-        if not report["fits"]:
-            refused.append(run.name)
-    if refused:
-        print(f"error: refusing the sweep: {', '.join(refused)} do not fit {topology} "
-              f"(see scripts/dry_run.py --suggest)", file=sys.stderr)
-        sys.exit(1)
-
-
-def write_script(folder: str, name: str, text: str) -> str:
-    path = os.path.join(folder, name)
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o755)
-    return path
-
-
 def main(argv):
     cli.expect(argv, (SWEEP_ROOT, "runs/sweep"))
     root = SWEEP_ROOT.value
@@ -99,30 +64,22 @@ def main(argv):
     runs = sweep.grid(*grid_from_flags(), group=group)
     pending = [run for run in runs if not sweep.finished(root, run)]
     print(f"sweep {group}: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run", flush=True)
-    if DRY_RUN_TOPOLOGY.value and pending:
-        check_fits(pending, DRY_RUN_TOPOLOGY.value)
+    refused = launchers.check_fits(pending, DRY_RUN_TOPOLOGY.value) if DRY_RUN_TOPOLOGY.value else []
+    if refused:
+        print(f"error: refusing the sweep: {', '.join(refused)} do not fit {DRY_RUN_TOPOLOGY.value} "
+              f"(see scripts/dry_run.py --suggest)", file=sys.stderr)
+        return 1
     if LAUNCHER.value == "local":
-        return sweep.run_locally(pending, root)
+        return launchers.run_locally(pending, root)
     if LAUNCHER.value == "print":
-        for run in pending:
-            print(shlex.join(sweep.train_command(run, root)))
+        print("\n".join(shlex.join(sweep.train_command(run, root)) for run in pending))
         return 0
     scripts = SCRIPTS.value or (f"runs/{group}-launch" if workdirs.is_remote(root) else str(workdirs.path(root)))
     if LAUNCHER.value == "tpu":
-        if not (TPU_NAME.value and TPU_ZONE.value):
-            cli.fail("--tpu_name, --tpu_zone: required with --launcher=tpu")
-        if not workdirs.is_remote(root):
-            cli.fail(f"--root: {root} is local, but a TPU slice's workers share no disk; use a bucket, "
-                     "e.g. --root=gs://BUCKET/sweeps/NAME")
-        path = write_script(scripts, "tpu.sh", sweep.tpu_script(pending, root, TPU_NAME.value, TPU_ZONE.value,
-                                                                 REMOTE_DIR.value, REMOTE_PYTHON.value))
-        print(f"wrote {path}; start the sweep with: bash {path}")
-        return 0
-    paths = [write_script(scripts, f"{run.name}.sbatch", sweep.slurm_script(
-        run, root, NODES.value, GPUS_PER_NODE.value, os.path.abspath(scripts), SBATCH.value)) for run in pending]
-    submit = write_script(scripts, "submit.sh", "#!/usr/bin/env bash\nset -euo pipefail\n" +
-                          "".join(f"sbatch {shlex.quote(os.path.abspath(p))}\n" for p in paths))
-    print(f"wrote {len(paths)} sbatch scripts to {scripts}; submit them with: bash {submit}")
+        print(launchers.write_tpu_script(pending, root, scripts, TPU_NAME.value, TPU_ZONE.value, REMOTE_DIR.value,
+                                         REMOTE_PYTHON.value))
+    else:
+        print(launchers.write_slurm_scripts(pending, root, scripts, NODES.value, GPUS_PER_NODE.value, SBATCH.value))
     return 0
 
 

@@ -14,17 +14,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="mhc-jax-test-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
+import subprocess
+import sys
+import types
+from pathlib import Path
 
-import filelock  # noqa: E402
-import pytest  # noqa: E402
+import filelock
+import pytest
+from helpers import ROOT, STRAIGHT, run_fetch, run_train, xla_flags
 
-from configs.pretrain import VARIANTS  # noqa: E402
-from helpers import ROOT, STRAIGHT, run_fetch, run_train, xla_flags  # noqa: E402
-from mhc_jax import data  # noqa: E402
+from mhc_jax.data import pipeline
+from mhc_jax.model.residual import VARIANTS
 
 
 @pytest.fixture(params=tuple(VARIANTS))
@@ -55,8 +55,8 @@ def fetch_into(folder: Path) -> None:
 
 @pytest.fixture(scope="session")
 def fetched_eval_data(tmp_path_factory):
-    """The benchmark folder of scripts/fetch_eval_data.py, built once per session: (folder, its
-    run's output with .stdout)."""
+    """The benchmark folder of scripts/fetch_eval_data.py, built once per session from the wheels that
+    `make setup` downloaded (helpers.EVAL_WHEELS): (folder, its run's output with .stdout)."""
     folder = built_once(tmp_path_factory, "eval", fetch_into)
     return folder / "data", types.SimpleNamespace(stdout=(folder / "stdout.txt").read_text())
 
@@ -69,7 +69,7 @@ def prepare_on_first_use(cwd: Path) -> None:
                             timeout=600)
     assert result.returncode == 0, result.stderr
     assert "preparing data/default" in result.stdout
-    assert data.load_manifest(cwd / "data/default")["splits"]["train"]["tokens"] > 5_000_000
+    assert pipeline.load_manifest(cwd / "data/default")["splits"]["train"]["tokens"] > 5_000_000
 
 
 @pytest.fixture(scope="session")

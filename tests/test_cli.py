@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import assert_user_error
 
 ROOT = Path(__file__).parents[1]
@@ -87,7 +86,6 @@ def test_a_missing_config_file_is_one_line_with_or_without_overrides():
 
 REFAULTS = """
 import ctypes, resource, sys
-sys.path.insert(0, ".")
 from mhc_jax import host_memory
 applied = sys.argv[1] == "reuse" and host_memory.reuse_freed_pages()
 libc, size = ctypes.CDLL(None), 256 << 20  # a block as large as a step's temporaries

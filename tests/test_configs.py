@@ -7,11 +7,13 @@ from pathlib import Path
 import ml_collections
 import pytest
 
-from configs.pretrain import FIELD_RULES, VARIANTS, get_config, validate
+from configs.pretrain import get_config
 from configs.scales import SCALES
 from mhc_jax import validation
+from mhc_jax.config_rules import FIELD_RULES, validate
 from mhc_jax.errors import UserError
-from mhc_jax.model import param_counts
+from mhc_jax.model.residual import VARIANTS
+from mhc_jax.model.transformer import param_counts
 
 
 @pytest.mark.parametrize("scale, target", [("10m", 10e6), ("100m", 100e6), ("1b", 1e9)])

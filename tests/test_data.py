@@ -9,10 +9,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import corpus_documents
 from jax.sharding import NamedSharding, PartitionSpec
 
-from helpers import corpus_documents
-from mhc_jax import data, prepare
+from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
 
 SEQ_LEN, BATCH = 32, 8
@@ -32,19 +32,19 @@ def dataset(tmp_path_factory):
 
 def stream(dataset, split):
     out, manifest = dataset
-    windows = data.TokenWindows(out, manifest, split, seq_len=1)
+    windows = pipeline.TokenWindows(out, manifest, split, seq_len=1)
     return np.concatenate([np.frombuffer(windows.records[i], windows.dtype) for i in range(len(windows.records))])
 
 
 def batches(dataset, **kwargs):
     out, manifest = dataset
-    return data.train_batches(out, manifest, **{"seq_len": SEQ_LEN, "global_batch_size": BATCH, "seed": 0, **kwargs})
+    return pipeline.train_batches(out, manifest, **{"seq_len": SEQ_LEN, "global_batch_size": BATCH, "seed": 0, **kwargs})
 
 
 def test_windows_are_consecutive_slices_of_the_token_stream(dataset):
     out, manifest = dataset
     tokens = stream(dataset, "train")
-    windows = data.TokenWindows(out, manifest, "train", SEQ_LEN)
+    windows = pipeline.TokenWindows(out, manifest, "train", SEQ_LEN)
     assert len(windows) == (len(tokens) - 1) // SEQ_LEN and len(tokens) > 2 * prepare.RECORD_TOKENS
     for i in (0, 1, 255, 256, len(windows) - 1):  # window 255 ends on the first token of record 1
         np.testing.assert_array_equal(windows[i], tokens[i * SEQ_LEN:(i + 1) * SEQ_LEN + 1])
@@ -53,7 +53,7 @@ def test_windows_are_consecutive_slices_of_the_token_stream(dataset):
 
 def test_an_epoch_visits_every_window_once_and_the_next_epoch_reshuffles(dataset):
     out, manifest = dataset
-    n = len(data.TokenWindows(out, manifest, "train", SEQ_LEN))
+    n = len(pipeline.TokenWindows(out, manifest, "train", SEQ_LEN))
     ds = batches(dataset, global_batch_size=1)
     epoch = [tuple(ds[k]["tokens"][0]) for k in range(n)]
     assert len(set(epoch)) == n
@@ -71,10 +71,10 @@ def test_batches_are_a_function_of_seed_and_step(dataset):
 
 def test_starting_at_step_k_gives_the_kth_batch(dataset):
     ds = batches(dataset)
-    from_zero = data.train_iterator(ds)
+    from_zero = pipeline.train_iterator(ds)
     for _ in range(7):
         next(from_zero)
-    started = data.train_iterator(ds, start_step=7)
+    started = pipeline.train_iterator(ds, start_step=7)
     for _ in range(3):
         np.testing.assert_array_equal(next(started)["tokens"], next(from_zero)["tokens"])
 
@@ -91,42 +91,42 @@ def test_processes_read_their_rows_of_the_same_global_batch(dataset, process_cou
 
 def test_evaluation_is_one_ordered_pass_with_weighted_padding(dataset):
     out, manifest = dataset
-    windows = data.TokenWindows(out, manifest, "validation", SEQ_LEN)
-    evals = data.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH)
+    windows = pipeline.TokenWindows(out, manifest, "validation", SEQ_LEN)
+    evals = pipeline.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH)
     tokens = np.concatenate([b["tokens"] for b in evals])
     weights = np.concatenate([b["weight"] for b in evals])
     assert len(evals) == -(-len(windows) // BATCH) and weights.sum() == len(windows)
     np.testing.assert_array_equal(tokens[:len(windows)], np.stack([windows[i] for i in range(len(windows))]))
     assert not weights[len(windows):].any()
-    halves = [data.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH, process_index=p,
+    halves = [pipeline.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH, process_index=p,
                                 process_count=2) for p in range(2)]
     last = len(evals) - 1
     np.testing.assert_array_equal(np.concatenate([h[last]["tokens"] for h in halves]), evals[last]["tokens"])
-    assert len(data.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH, max_batches=2)) == 2
+    assert len(pipeline.eval_batches(out, manifest, seq_len=SEQ_LEN, global_batch_size=BATCH, max_batches=2)) == 2
 
 
 def test_global_batch_on_eight_devices(dataset):
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     local = batches(dataset)[0]
-    sharded = data.global_batch(local, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    sharded = pipeline.global_batch(local, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     assert len(sharded["tokens"].addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(sharded["tokens"]), local["tokens"])
 
 
 def test_vocab_size_comes_from_the_data_unless_overridden(dataset):
     _, manifest = dataset
-    assert data.resolve_vocab_size(32768, manifest, overridden=False) == 400
-    assert data.resolve_vocab_size(512, manifest, overridden=True) == 512
+    assert pipeline.resolve_vocab_size(32768, manifest, overridden=False) == 400
+    assert pipeline.resolve_vocab_size(512, manifest, overridden=True) == 512
     with pytest.raises(UserError, match="model.vocab_size: 300 is smaller than the data's tokenizer"):
-        data.resolve_vocab_size(300, manifest, overridden=True)
+        pipeline.resolve_vocab_size(300, manifest, overridden=True)
 
 
 def test_bad_pipeline_inputs(dataset, tmp_path):
     out, manifest = dataset
     with pytest.raises(UserError, match="prepare_data.py --out="):
-        data.load_manifest(tmp_path)
+        pipeline.load_manifest(tmp_path)
     with pytest.raises(UserError, match="train.seq_len"):
-        data.TokenWindows(out, manifest, "validation", seq_len=10**7)
+        pipeline.TokenWindows(out, manifest, "validation", seq_len=10**7)
     with pytest.raises(UserError, match="train.batch_size: 8 is not divisible by the 3 processes"):
         batches(dataset, process_count=3)
 

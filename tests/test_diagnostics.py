@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from helpers import make_model, random_tokens
-from mhc_jax.diagnostics import amax_gain, composite_maps
+
+from mhc_jax.model.diagnostics import amax_gain, composite_maps
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])
@@ -64,7 +64,7 @@ def test_composite_order_is_later_sites_on_the_left():
 
 def test_mhc_model_maps_have_exact_forward_gain():
     model = make_model("mhc", {"mhc.alpha_init": 1.0, "mhc.res_init_scale": 0.0})
-    _, trace = model(random_tokens(512), return_trace=True)
+    _, trace = model.trace(random_tokens(512))
     gains = amax_gain(trace.maps.res)
     np.testing.assert_allclose(gains["composite_forward"], 1.0, atol=1e-5)
     assert float(jnp.abs(gains["composite_backward"] - 1).max()) < 0.05

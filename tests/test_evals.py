@@ -12,10 +12,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import assert_user_error, corpus_documents, prepare_small_corpus, xla_flags
 from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import aggregate_subtask_metrics
 
-from helpers import assert_user_error, corpus_documents, prepare_small_corpus, xla_flags
 from mhc_jax.errors import UserError
 from mhc_jax.evals import eval_data, hellaswag, registry, triviaqa
 from mhc_jax.evals.harness import LanguageModel, aggregate

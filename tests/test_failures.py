@@ -12,11 +12,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from helpers import QUIET, ROOT, STRAIGHT, losses, run_train, stop_with_sigterm, wait_for_lines, xla_flags
 
 from configs.pretrain import get_config
-from helpers import QUIET, ROOT, STRAIGHT, losses, run_train, stop_with_sigterm, wait_for_lines, xla_flags
-from mhc_jax import checkpoint, sharding, trainer
+from mhc_jax import sharding
 from mhc_jax.errors import UserError
+from mhc_jax.training import checkpoint
+from mhc_jax.training.experiment import Experiment
 
 
 def test_a_second_signal_during_the_stop_checkpoint_leaves_only_committed_steps(default_data, tmp_path):
@@ -116,7 +118,7 @@ def test_two_slurm_processes_train_like_one_through_the_sweeps_sbatch_script(str
 def test_an_unreadable_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path, caplog):
     mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
-    experiment = trainer.Experiment(get_config("residual,debug"), mesh)
+    experiment = Experiment(get_config("residual,debug"), mesh)
     checkpoints = checkpoint.Checkpoints(tmp_path, keep=3)
     state = experiment.init_state()
     for step in (1, 2, 3):
@@ -163,7 +165,7 @@ def test_a_reader_beside_the_run_follows_a_step_deleted_under_it_and_skips_unrea
 def test_a_checkpoint_of_another_structure_is_refused_not_set_aside(tmp_path):
     mesh = jax.make_mesh((1, 1, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:1],
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
-    experiment = trainer.Experiment(get_config("residual,debug"), mesh)
+    experiment = Experiment(get_config("residual,debug"), mesh)
     checkpoints = checkpoint.Checkpoints(tmp_path)
     state = experiment.init_state()
     checkpoints.save(1, {**state, "extra": state["step"]}, {"step": 1})

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import corpus_documents, make_model
-from mhc_jax.generate import Generator, bucket, first_stop, prompt_tail
-from mhc_jax.tokenizer import train_bpe
+
+from mhc_jax.data.tokenizer import train_bpe
+from mhc_jax.model.generate import Generator, bucket, first_stop, prompt_tail
 
 PROMPTS = ["The stream", "Sinkhorn keeps the gain near one and", "a", corpus_documents()[0][:300]]
 

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import loss_and_grads, make_model, random_tokens, randomize, relative_error
 
 
@@ -68,10 +67,10 @@ def test_fast_sites_and_compile_switches_keep_logits_and_gradients(variant, scan
 
 
 def test_site_maps_come_out_in_site_order():
-    """return_trace stacks the 2L sites as attention 0, MLP 0, attention 1, ...: HC's one-hot read of
+    """Transformer.trace stacks the 2L sites as attention 0, MLP 0, attention 1, ...: HC's one-hot read of
     site k is stream k mod n, which tells the order."""
     model = make_model("hc")
-    logits, trace = model(random_tokens(512), return_trace=True)
+    logits, trace = model.trace(random_tokens(512))
     maps = trace.maps
     assert maps.res.shape == (4, 2, 16, 4, 4) and trace.stream_rms.shape == (4,)
     np.testing.assert_array_equal(jnp.argmax(maps.pre[:, 0, 0], -1), [0, 1, 2, 3])
@@ -80,7 +79,7 @@ def test_site_maps_come_out_in_site_order():
 
 def test_bfloat16_compute_keeps_float32_coefficients():
     model = make_model("mhc", {"dtype": "bfloat16"})
-    logits, trace = model(random_tokens(512), return_trace=True)
+    logits, trace = model.trace(random_tokens(512))
     maps = trace.maps
     assert logits.dtype == jnp.float32 and maps.res.dtype == jnp.float32
     np.testing.assert_allclose(maps.res.sum(-1), 1.0, atol=1e-6)

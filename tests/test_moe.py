@@ -9,9 +9,12 @@ import pytest
 from flax import nnx
 
 from configs.pretrain import get_config
-from mhc_jax import moe, sharding, trainer
+from mhc_jax import sharding
 from mhc_jax.errors import UserError
-from mhc_jax.model import router_bias, with_router_bias
+from mhc_jax.model import moe
+from mhc_jax.model.transformer import router_bias, with_router_bias
+from mhc_jax.training import trainer
+from mhc_jax.training.experiment import Experiment
 
 
 def moe_config(**overrides):
@@ -25,7 +28,7 @@ def reference_moe(layer: moe.MoE, x_TC: np.ndarray) -> np.ndarray:
     c = layer.config
     router, bias = np.asarray(layer.router[...]), np.asarray(layer.router_bias[...])
     gate_w, up_w, down_w = (np.asarray(w[...]) for w in (layer.w_gate, layer.w_up, layer.w_down))
-    silu = lambda v: v / (1 + np.exp(-v))  # noqa: E731
+    silu = lambda v: v / (1 + np.exp(-v))
     out = []
     for x_C in x_TC:
         scores = 1 / (1 + np.exp(-(x_C @ router)))
@@ -82,7 +85,7 @@ def test_the_bias_update_moves_load_from_overloaded_experts():
     config = get_config("mhc,moe_debug")
     config.train.update(lr=0.0, steps=10)
     config.model.moe.update(bias_update_rate=0.05, capacity_factor=0.0, balance_loss_weight=1e-4)
-    experiment = trainer.Experiment(config, mesh_of((1, 1, 1, 1)))
+    experiment = Experiment(config, mesh_of((1, 1, 1, 1)))
     state = experiment.init_state()
     router = state["params"]["moe_blocks"]["mlp"]["router"]
     state["params"]["moe_blocks"]["mlp"]["router"] = router.at[:, :, :2].add(0.5)  # experts 0 and 1 favoured
@@ -116,10 +119,10 @@ def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device():
     expert dispatch sees [B, T, C] whatever the residual connection; mhc's four streams stand for all."""
     config = get_config("mhc,moe_debug")
     tokens = np.random.default_rng(0).integers(0, 512, (8, 65), dtype=np.int32)
-    params = jax.device_get(trainer.Experiment(config, mesh_of((1, 1, 1, 1))).init_state()["params"])
+    params = jax.device_get(Experiment(config, mesh_of((1, 1, 1, 1))).init_state()["params"])
     results = []
     for sizes in ((1, 1, 1, 1), (1, 2, 4, 1), (1, 1, 8, 1)):
-        experiment = trainer.Experiment(config, mesh_of(sizes))
+        experiment = Experiment(config, mesh_of(sizes))
         expert_weights = experiment.param_shardings["moe_blocks"]["mlp"]["w_up"]  # [layers, experts, embed, mlp]
         assert expert_weights.spec[1] == ("expert" if sizes[2] > 1 else None)
         grad_fn = jax.jit(jax.value_and_grad(lambda p, t: experiment.loss(p, t).mean()),
@@ -134,7 +137,7 @@ def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device():
 
 def dispatch_all_to_alls(mesh_sizes) -> int:
     """All-to-all ops of the dispatch's token gather in the compiled train step of moe_debug."""
-    experiment = trainer.Experiment(get_config("mhc,moe_debug"), mesh_of(mesh_sizes))
+    experiment = Experiment(get_config("mhc,moe_debug"), mesh_of(mesh_sizes))
     tokens = jax.ShapeDtypeStruct((8, 65), jnp.int32, sharding=experiment.batch_sharding)
     hlo = experiment.train_step.lower(experiment.abstract_state, tokens).compile().as_text()
     return sum(" all-to-all(" in line and "take_along_axis" in line for line in hlo.splitlines())

@@ -16,11 +16,12 @@ import fsspec
 import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from helpers import ROOT, assert_user_error, xla_flags
 
 from configs.pretrain import get_config
-from helpers import ROOT, assert_user_error, xla_flags
-from mhc_jax import aot, checkpoint, compare, plots, sweep, topology, workdirs
-from mhc_jax import logging as runlog
+from mhc_jax import plots, workdirs
+from mhc_jax.pods import aot, compare, launchers, sweep, topology
+from mhc_jax.training import checkpoint, runlog
 
 
 def dry_run(*args, devices=1):
@@ -157,7 +158,7 @@ def test_compare_refuses_runs_on_other_data(finished_sweep, tmp_path):
 
 def test_the_tpu_launchers_script_matches_its_recording(tmp_path):
     runs = sweep.grid(["residual", "mhc"], ["debug"], [0], ["--config.train.steps=30"], group="paper")
-    script = sweep.tpu_script(runs, "gs://bucket/sweeps/paper", "my-v5p", "us-east5-a", "mhc-jax", "python3")
+    script = launchers.tpu_script(runs, "gs://bucket/sweeps/paper", "my-v5p", "us-east5-a", "mhc-jax", "python3")
     assert script == (ROOT / "tests/expected/tpu_sweep.sh").read_text()
     (tmp_path / "tpu.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "tpu.sh")]).returncode == 0

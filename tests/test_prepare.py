@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece
-
 from helpers import assert_user_error, corpus_documents
-from mhc_jax import corpus, data, prepare
+
+from mhc_jax.data import corpus, pipeline, prepare
+from mhc_jax.data.tokenizer import gpt2_tokenizer, load_tokenizer, train_bpe
 from mhc_jax.errors import UserError
-from mhc_jax.tokenizer import gpt2_tokenizer, load_tokenizer, train_bpe
 
 ROOT = Path(__file__).parents[1]
 DOCUMENTS = corpus_documents()
@@ -48,8 +48,8 @@ def write_source(folder: Path, kind: str, documents=DOCUMENTS) -> Path:
 
 def split_documents(out: Path, manifest: dict, split: str) -> list[str]:
     """A split's documents, read back from its shards and decoded."""
-    tokenizer = data.load_data_tokenizer(out, manifest)
-    windows = data.TokenWindows(out, manifest, split, seq_len=1)
+    tokenizer = pipeline.load_data_tokenizer(out, manifest)
+    windows = pipeline.TokenWindows(out, manifest, split, seq_len=1)
     stream = np.concatenate([np.frombuffer(windows.records[i], windows.dtype)
                              for i in range(len(windows.records))]).astype(np.int64)
     ends = np.flatnonzero(stream == tokenizer.eos_id)
@@ -101,7 +101,7 @@ def test_same_recipe_again_changes_nothing(tmp_path):
 
 def test_records_are_fixed_size_and_shards_hashed(tmp_path):
     manifest = build(tmp_path / "data", [write_source(tmp_path / "source", "jsonl")])
-    windows = data.TokenWindows(tmp_path / "data", manifest, "train", seq_len=1)
+    windows = pipeline.TokenWindows(tmp_path / "data", manifest, "train", seq_len=1)
     sizes = [len(windows.records[i]) // windows.dtype.itemsize for i in range(len(windows.records))]
     assert sizes[:-1] == [prepare.RECORD_TOKENS] * (len(sizes) - 1) and 0 < sizes[-1] <= prepare.RECORD_TOKENS
     assert sum(sizes) == manifest["splits"]["train"]["tokens"]
@@ -163,7 +163,7 @@ def test_sentencepiece_model_prepares_and_reloads(tmp_path):
     source = write_source(tmp_path / "source", "jsonl")
     manifest = build(tmp_path / "data", [source], tokenizer=str(tmp_path / "sp.model"))
     assert manifest["tokenizer"]["file"] == "tokenizer.model" and manifest["tokenizer"]["eos_id"] == 1
-    reloaded = data.load_data_tokenizer(tmp_path / "data", manifest)
+    reloaded = pipeline.load_data_tokenizer(tmp_path / "data", manifest)
     original = load_tokenizer(tmp_path / "sp.model")
     np.testing.assert_array_equal(reloaded.encode_batch(DOCUMENTS[:1])[0], original.encode_batch(DOCUMENTS[:1])[0])
 

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from helpers import debug_model_config, make_model, random_tokens, randomize, relative_error
-from mhc_jax import residual
 from test_sinkhorn import reference_sinkhorn
+
+from mhc_jax.model import residual
 
 B, T = 2, 5
 PERMUTATION = np.array([2, 0, 3, 1])  # new stream i is old stream PERMUTATION[i]
@@ -71,7 +71,7 @@ def test_dynamic_hc_site_matches_the_hc_paper(use_tanh):
     site = make_site("hc", {"hc.use_tanh": use_tanh})
     randomize(site)
     x, branch = random_streams(), branch_fn()
-    out, _ = site(x, branch)
+    out, _, _ = site(x, lambda u: (branch(u), None))
     np.testing.assert_allclose(out, reference_hc(site, x, branch, use_tanh), rtol=1e-4, atol=1e-4)
 
 
@@ -79,7 +79,7 @@ def test_mhc_site_matches_the_mhc_paper():
     site = make_site("mhc")
     randomize(site)
     x, branch = random_streams(), branch_fn()
-    out, maps = site(x, branch)
+    out, maps, _ = site(x, lambda u: (branch(u), None))
     np.testing.assert_allclose(out, reference_mhc(site, x, branch), rtol=1e-4, atol=1e-4)
     assert float(maps.pre.min()) > 0 and float(maps.pre.max()) < 1
     assert float(maps.post.min()) > 0 and float(maps.post.max()) < 2
@@ -121,7 +121,7 @@ def test_static_hc_residual_permutation_permutes_the_streams():
     site = make_site("hc_static")
     site.static_alpha_r[...] = jnp.asarray(np.eye(4)[PERMUTATION].T)  # H_res = A_r^T
     x = random_streams()
-    out, maps = site(x, lambda u: jnp.zeros_like(u))
+    out, maps, _ = site(x, lambda u: (jnp.zeros_like(u), None))
     np.testing.assert_array_equal(maps.res[0, 0], np.eye(4)[PERMUTATION])
     np.testing.assert_allclose(out, x[:, :, PERMUTATION], atol=1e-6)
 
@@ -132,7 +132,7 @@ def test_mhc_residual_permutation_permutes_the_streams():
     n = 4
     site.bias[...] = site.bias[...].at[2 * n:].set(60.0 * np.eye(n)[PERMUTATION].ravel())
     x = random_streams()
-    out, _ = site(x, lambda u: jnp.zeros_like(u))
+    out, _, _ = site(x, lambda u: (jnp.zeros_like(u), None))
     np.testing.assert_allclose(out, x[:, :, PERMUTATION], atol=1e-5)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax import residual
+from mhc_jax.model import residual
 
 FORMS = pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
 

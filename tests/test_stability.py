@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from helpers import assert_user_error, prepare_small_corpus, xla_flags
 
-from mhc_jax import study
-from mhc_jax.study_report import fmt
+from mhc_jax.study import stability
+from mhc_jax.study.report import fmt
 
 ROOT = Path(__file__).parents[1]
 STEPS = 6
@@ -61,7 +61,7 @@ def test_the_study_writes_its_plots_and_a_report_with_every_field(finished_study
                     "| variant | seeds | mean final validation loss"):
         assert section in report, section
     rows = run_table(report)
-    assert [row["run"] for row in rows] == [run.name for run in study.study_runs([0], [0], 3.0)]
+    assert [row["run"] for row in rows] == [run.name for run in stability.study_runs([0], [0], 3.0)]
     for row in rows:
         assert row["final validation loss"] != "-" and row["max composite Amax forward"] != "-", row
 
@@ -115,12 +115,12 @@ def test_bad_inputs_and_a_budget_too_small(small_data, tmp_path):
 
 
 def test_the_budget_buys_equal_steps_for_every_run():
-    runs = study.study_runs([0, 1], [0], 3.0)
-    timings = {"residual": study.StepTiming(5.0, 1.0), "hc": study.StepTiming(8.0, 2.0),
-               "mhc": study.StepTiming(8.0, 2.0)}
-    steps = study.affordable_steps(3600.0, runs, timings, eval_batches=8)
-    forwards = (study.EVALUATIONS * 8 + study.DIAGNOSTICS) / 3
-    spent = sum(timings[r.variant].first_step + study.RUN_STARTUP_SECONDS
+    runs = stability.study_runs([0, 1], [0], 3.0)
+    timings = {"residual": stability.StepTiming(5.0, 1.0), "hc": stability.StepTiming(8.0, 2.0),
+               "mhc": stability.StepTiming(8.0, 2.0)}
+    steps = stability.affordable_steps(3600.0, runs, timings, eval_batches=8)
+    forwards = (stability.EVALUATIONS * 8 + stability.DIAGNOSTICS) / 3
+    spent = sum(timings[r.variant].first_step + stability.RUN_STARTUP_SECONDS
                 + timings[r.variant].step * (steps + forwards) for r in runs)
     assert spent <= 3600.0 < spent + sum(timings[r.variant].step for r in runs)
 
@@ -130,7 +130,7 @@ def test_a_run_summary_reads_divergence_and_the_first_amplified_step():
                {"step": 4, "loss": 3.0, "amax_forward": 2.5, "amax_backward": 3.0, "eval_loss": 3.5},
                {"step": 6, "loss": 2.0, "amax_forward": 9.0, "amax_backward": 2.0},
                {"step": 7, "loss": float("nan")}]
-    summary = study.summarize_run(records)
+    summary = stability.summarize_run(records)
     assert summary["diverged_at"] == 7 and summary["first_step_forward_over_2"] == 4
     assert (summary["max_amax_forward"], summary["max_amax_backward"]) == (9.0, 3.0)
     assert (summary["final_amax_forward"], summary["final_eval_loss"]) == (9.0, 3.5)

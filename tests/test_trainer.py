@@ -10,12 +10,23 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import (
+    STRAIGHT,
+    assert_user_error,
+    corpus_documents,
+    debug_model_config,
+    losses,
+    records,
+    run_train,
+    stop_with_sigterm,
+)
 
 from configs.pretrain import get_config
-from helpers import (STRAIGHT, assert_user_error, corpus_documents, debug_model_config, losses, records, run_train,
-                     stop_with_sigterm)
-from mhc_jax import checkpoint, data, optim, prepare, sharding, trainer
-from mhc_jax.model import Transformer
+from mhc_jax import sharding
+from mhc_jax.data import pipeline, prepare
+from mhc_jax.model.transformer import Transformer
+from mhc_jax.training import checkpoint, optim, trainer
+from mhc_jax.training.experiment import Experiment
 
 ROOT = Path(__file__).parents[1]
 
@@ -34,7 +45,7 @@ def test_a_run_writes_its_contract(straight_run):
     assert sorted(int(p.name) for p in (straight_run / "checkpoints").iterdir() if p.name.isdigit()) == [15, 20, 24]
     meta = json.loads((straight_run / "checkpoints" / "24" / "meta" / "metadata").read_text())
     assert (meta["variant"], meta["n_streams"], meta["step"]) == ("hc", 4, 24)
-    assert meta["tokenizer_sha256"] == data.load_manifest(meta["config"]["data"]["dir"])["tokenizer"]["sha256"]
+    assert meta["tokenizer_sha256"] == pipeline.load_manifest(meta["config"]["data"]["dir"])["tokenizer"]["sha256"]
     assert (straight_run / "run.png").stat().st_size > 10_000
 
 
@@ -71,12 +82,12 @@ def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):
     manifest = trainer.open_data(config, vocab_overridden=False)
     mesh = jax.make_mesh(mesh_sizes, sharding.MESH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
-    experiment = trainer.Experiment(config, mesh)
+    experiment = Experiment(config, mesh)
     step, state, _ = checkpoint.Checkpoints(workdir, keep=3).restore_latest(experiment.abstract_state,
                                                                              lambda meta: None)
     assert step == 24
     assert state["params"]["embed"]["table"].sharding.mesh.shape == mesh.shape
-    evals = data.eval_batches(data_dir, manifest, seq_len=64, global_batch_size=8, max_batches=8)
+    evals = pipeline.eval_batches(data_dir, manifest, seq_len=64, global_batch_size=8, max_batches=8)
     return experiment.evaluate(state["params"], evals)
 
 
@@ -157,9 +168,9 @@ def test_weight_decay_skips_norms_gates_and_static_coefficients():
 def test_fsdp_leaves_almost_nothing_replicated(monkeypatch):
     mesh = jax.make_mesh((1, 8, 1, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
     config = get_config("mhc,10m")
-    assert trainer.Experiment(config, mesh).replicated_fraction < 0.02
+    assert Experiment(config, mesh).replicated_fraction < 0.02
     monkeypatch.setitem(sharding.RULES, "embed", None)
-    assert trainer.Experiment(config, mesh).replicated_fraction > 0.5
+    assert Experiment(config, mesh).replicated_fraction > 0.5
 
 
 def test_microbatches_accumulate_to_the_full_batch_update():
@@ -170,7 +181,7 @@ def test_microbatches_accumulate_to_the_full_batch_update():
     for parts in (1, 2):
         config = get_config("mhc,debug")
         config.train.microbatches = parts
-        experiment = trainer.Experiment(config, mesh)
+        experiment = Experiment(config, mesh)
         state, metrics = experiment.train_step(experiment.init_state(),
                                                jax.device_put(tokens, experiment.batch_sharding))
         results.append((jax.device_get(metrics), jax.device_get(state["params"])))

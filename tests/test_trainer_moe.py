@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import losses, records, run_train, stop_with_sigterm, xla_flags
 
 ROOT = Path(__file__).parents[1]

@@ -3,7 +3,7 @@
 
 The prompt is the task description and its three standard chain-of-thought exemplars, then
 "Q: <input>\nA: Let's think step by step.\n", character for character as the harness renders it: the
-fetched folder's prefix is rendered from the harness's own task YAMLs (scripts/fetch_eval_data.py),
+fetched folder's prefix is rendered from the harness's own task YAMLs (mhc_jax/evals/bbh_prompts.py),
 and tests/test_lmeval_prompts.py compares all 6,511 prompts with the harness's. Generation stops at
 "Q", a blank line or end of text, after at most 1,024 tokens (the harness's budget). The answer is
 what follows "the answer is " up to the line's last character; exact match, case sensitive. The headline is the mean over all questions, as the

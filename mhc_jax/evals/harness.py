@@ -22,11 +22,12 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mhc_jax import checkpoint, sharding, workdirs
+from mhc_jax import sharding, workdirs
+from mhc_jax.data.tokenizer import file_sha256, load_tokenizer
 from mhc_jax.errors import UserError
-from mhc_jax.generate import Generator, bucket
-from mhc_jax.model import abstract_model
-from mhc_jax.tokenizer import file_sha256, load_tokenizer
+from mhc_jax.model.generate import Generator, bucket
+from mhc_jax.model.transformer import abstract_model
+from mhc_jax.training import checkpoint
 
 
 @dataclasses.dataclass

@@ -8,18 +8,18 @@ compares across tokenizers.
 
 import math
 
-from mhc_jax import data
+from mhc_jax.data import pipeline
 from mhc_jax.errors import UserError
 
 
 def run(model, data_dir, limit: int | None) -> dict:
     del data_dir  # the training data, named by the checkpoint, not the benchmark folder
     train_data = model.config.data.dir
-    manifest = data.load_manifest(train_data)
+    manifest = pipeline.load_manifest(train_data)
     if manifest["tokenizer"]["sha256"] != model.tokenizer_sha256:
         raise UserError(f"data dir {train_data}: its tokenizer is not the one the checkpoint was trained with")
     seq_len = model.config.train.seq_len
-    windows = data.TokenWindows(train_data, manifest, "validation", seq_len)
+    windows = pipeline.TokenWindows(train_data, manifest, "validation", seq_len)
     count = len(windows) if limit is None else min(limit, len(windows))
     scores = model.score_tokens([(list(windows[i]), seq_len) for i in range(count)], desc=f"perplexity ({count})")
     loss = -sum(logprob for logprob, _ in scores) / (count * seq_len)

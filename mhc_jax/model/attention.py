@@ -1,0 +1,161 @@
+"""Causal self-attention, two kinds, each with a decode path that reads and extends a cache.
+
+- `Attention`: multi-head attention with RoPE; n_kv_heads < n_heads is grouped-query attention.
+  The dense scales use it. Its cache holds every token's keys and values.
+- `LatentAttention`: DeepSeek's multi-head latent attention (MLA) without query compression, the
+  paper's scales (spec/paper_scale.md). Keys and values come from a compressed latent
+  c = RMSNorm(x W_kv_a) of kv_rank dims; a rope_dim-dim RoPE key, also from x W_kv_a, is shared by
+  all heads. Scores use [q_nope; q_rope] . [k_nope; k_rope] over head_dim + rope_dim dims. Its cache
+  holds only the latent and the RoPE key per token (kv_rank + rope_dim numbers): decoding folds
+  W_kv_b's key half into the query and its value half into the output, so full keys and values are
+  never formed.
+
+A decoding batch is left-padded: row b's real tokens start at slot start_B[b], and position 0 is
+that slot, so RoPE sees the positions an unpadded sequence would.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mhc_jax.model.layers import RMSNorm, apply_rope, normal, param
+
+KINDS = ("mha", "mla")
+
+
+class LayerCache(NamedTuple):
+    """One layer's cache for decoding: its attention's per-token entries and where rows start."""
+    entries: tuple  # arrays [B, S, ...]: (keys, values) for Attention, (latent, rope key) for MLA
+    start_B: jax.Array  # slot of each row's first real token; the slots before it are padding
+    index: jax.Array  # the next slot to write
+
+
+def make_attention(cfg, out_std: float, rngs: nnx.Rngs) -> nnx.Module:
+    return LatentAttention(cfg, out_std, rngs) if cfg.attention == "mla" else Attention(cfg, out_std, rngs)
+
+
+def cache_shapes(cfg) -> tuple[tuple[int, ...], ...]:
+    """Per-token shapes of one layer's cache entries."""
+    if cfg.attention == "mla":
+        return (cfg.mla.kv_rank,), (cfg.mla.rope_dim,)
+    head_dim = cfg.d_model // cfg.n_heads
+    return (cfg.n_kv_heads, head_dim), (cfg.n_kv_heads, head_dim)
+
+
+def extend(cache: LayerCache, new_entries: tuple, T: int):
+    """The cache with T new tokens' entries written at `index`, the new tokens' RoPE positions [B, T]
+    and the mask [B, T, S] of the slots each may attend to (itself, earlier real tokens)."""
+    entries = tuple(jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), cache.index, axis=1)
+                    for old, new in zip(cache.entries, new_entries))
+    query_slots_T = cache.index + jnp.arange(T)
+    key_slots_S = jnp.arange(entries[0].shape[1])
+    mask_BTS = (key_slots_S[None, None, :] <= query_slots_T[None, :, None]) & \
+               (key_slots_S[None, None, :] >= cache.start_B[:, None, None])
+    return cache._replace(entries=entries), mask_BTS
+
+
+def decode_positions(cache: LayerCache, T: int) -> jax.Array:
+    return cache.index + jnp.arange(T)[None, :] - cache.start_B[:, None]
+
+
+def train_positions(x_BTC: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(x_BTC.shape[1]), x_BTC.shape[:2])
+
+
+class Attention(nnx.Module):
+    """Multi-head (or grouped-query) causal self-attention with RoPE on the whole head."""
+
+    def __init__(self, cfg, out_std: float, rngs: nnx.Rngs):
+        C, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+        D = C // H
+        self.wq = param(normal(rngs, (C, H, D), C**-0.5), ("embed", "heads", "head_dim"))
+        self.wk = param(normal(rngs, (C, K, D), C**-0.5), ("embed", "kv_heads", "head_dim"))
+        self.wv = param(normal(rngs, (C, K, D), C**-0.5), ("embed", "kv_heads", "head_dim"))
+        self.wo = param(normal(rngs, (H, D, C), out_std * (H * D) ** -0.5), ("heads", "head_dim", "embed"))
+        self.rope_theta = cfg.rope_theta
+
+    def __call__(self, x_BTC: jax.Array) -> jax.Array:
+        q_BTHD, k_BTKD, v_BTKD = self.project(x_BTC, train_positions(x_BTC))
+        return self.output(jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True))
+
+    def decode(self, x_BTC: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+        """T new tokens of left-padded rows: writes their keys and values into the cache and attends
+        to every real token up to each."""
+        q_BTHD, k_BTKD, v_BTKD = self.project(x_BTC, decode_positions(cache, x_BTC.shape[1]))
+        cache, mask_BTS = extend(cache, (k_BTKD, v_BTKD), x_BTC.shape[1])
+        k_BSKD, v_BSKD = cache.entries
+        o_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask_BTS[:, None])
+        return self.output(o_BTHD), cache
+
+    def project(self, x_BTC, positions_BT):
+        dtype = x_BTC.dtype
+        q_BTHD = jnp.einsum("btc,chd->bthd", x_BTC, self.wq[...].astype(dtype))
+        k_BTKD = jnp.einsum("btc,ckd->btkd", x_BTC, self.wk[...].astype(dtype))
+        v_BTKD = jnp.einsum("btc,ckd->btkd", x_BTC, self.wv[...].astype(dtype))
+        return (apply_rope(q_BTHD, positions_BT, self.rope_theta), apply_rope(k_BTKD, positions_BT, self.rope_theta),
+                v_BTKD)
+
+    def output(self, o_BTHD):
+        return jnp.einsum("bthd,hdc->btc", o_BTHD, self.wo[...].astype(o_BTHD.dtype))
+
+
+class LatentAttention(nnx.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3) without query compression."""
+
+    def __init__(self, cfg, out_std: float, rngs: nnx.Rngs):
+        C, H = cfg.d_model, cfg.n_heads
+        D, R, r = cfg.mla.head_dim, cfg.mla.rope_dim, cfg.mla.kv_rank
+        self.wq = param(normal(rngs, (C, H, D + R), C**-0.5), ("embed", "heads", "head_dim"))  # [q_nope | q_rope]
+        self.wkv_a = param(normal(rngs, (C, r + R), C**-0.5), ("embed", "kv_latent"))  # [latent | k_rope]
+        self.kv_norm = RMSNorm(r, cfg.norm_eps)
+        self.wkv_b = param(normal(rngs, (r, H, 2 * D), r**-0.5), ("kv_latent", "heads", "head_dim"))  # [k_nope | v]
+        self.wo = param(normal(rngs, (H, D, C), out_std * (H * D) ** -0.5), ("heads", "head_dim", "embed"))
+        self.head_dim, self.rope_dim, self.kv_rank = D, R, r
+        self.rope_theta = cfg.rope_theta
+
+    def __call__(self, x_BTC: jax.Array) -> jax.Array:
+        """Training and scoring: keys and values expanded per head from the latent."""
+        q_BTHJ, latent_BTr, k_rope_BTR = self.project(x_BTC, train_positions(x_BTC))
+        k_nope_BTHD, v_BTHD = jnp.split(self.expand_latent(latent_BTr), 2, axis=-1)
+        k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None, :], (*k_nope_BTHD.shape[:3], self.rope_dim))
+        k_BTHJ = jnp.concatenate([k_nope_BTHD, k_rope_BTHR], axis=-1)
+        v_BTHJ = jnp.pad(v_BTHD, ((0, 0),) * 3 + ((0, self.rope_dim),))  # one width for q, k and v
+        o_BTHJ = jax.nn.dot_product_attention(q_BTHJ, k_BTHJ, v_BTHJ, is_causal=True)
+        return self.output(o_BTHJ[..., :self.head_dim])
+
+    def decode(self, x_BTC: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
+        """T new tokens: caches their latent and RoPE key, then attends in the latent space (W_kv_b's
+        key half folded into the query, its value half applied after the weighted sum)."""
+        T, D = x_BTC.shape[1], self.head_dim
+        q_BTHJ, latent_BTr, k_rope_BTR = self.project(x_BTC, decode_positions(cache, T))
+        cache, mask_BTS = extend(cache, (latent_BTr, k_rope_BTR), T)
+        latent_BSr, k_rope_BSR = cache.entries
+        w_k_rHD, w_v_rHD = jnp.split(self.wkv_b[...].astype(x_BTC.dtype), 2, axis=-1)
+        q_nope_BTHD, q_rope_BTHR = q_BTHJ[..., :D], q_BTHJ[..., D:]
+        q_latent_BTHr = jnp.einsum("bthd,rhd->bthr", q_nope_BTHD, w_k_rHD)
+        scores_BHTS = (jnp.einsum("bthr,bsr->bhts", q_latent_BTHr, latent_BSr)
+                       + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)) * (D + self.rope_dim) ** -0.5
+        # A finite floor, not -inf: a padding slot attends to nothing, and must stay finite (no NaN)
+        # because later layers read its cached latent with weight 0.
+        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_BTC.dtype)
+        o_latent_BTHr = jnp.einsum("bhts,bsr->bthr", weights_BHTS, latent_BSr)
+        return self.output(jnp.einsum("bthr,rhd->bthd", o_latent_BTHr, w_v_rHD)), cache
+
+    def project(self, x_BTC, positions_BT):
+        """The query [q_nope; rope(q_rope)] per head, the normalized latent and the RoPE key."""
+        dtype, D = x_BTC.dtype, self.head_dim
+        q_BTHJ = jnp.einsum("btc,chj->bthj", x_BTC, self.wq[...].astype(dtype))
+        q_BTHJ = jnp.concatenate([q_BTHJ[..., :D], apply_rope(q_BTHJ[..., D:], positions_BT, self.rope_theta)], -1)
+        kv_BTa = x_BTC @ self.wkv_a[...].astype(dtype)
+        latent_BTr = self.kv_norm(kv_BTa[..., :self.kv_rank])
+        k_rope_BTR = apply_rope(kv_BTa[..., None, self.kv_rank:], positions_BT, self.rope_theta)[..., 0, :]
+        return q_BTHJ, latent_BTr, k_rope_BTR
+
+    def expand_latent(self, latent_BTr):
+        return jnp.einsum("btr,rhe->bthe", latent_BTr, self.wkv_b[...].astype(latent_BTr.dtype))
+
+    def output(self, o_BTHD):
+        return jnp.einsum("bthd,hdc->btc", o_BTHD, self.wo[...].astype(o_BTHD.dtype))

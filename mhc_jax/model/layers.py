@@ -1,0 +1,75 @@
+"""Transformer building blocks: RMSNorm, RoPE, SwiGLU MLP, embedding (attention.py and moe.py hold the rest).
+
+Every parameter is made by `param`, which records its logical axis names (`vocab`, `embed`,
+`heads`, `kv_heads`, `head_dim`, `mlp`, `norm`, ...; the block stack adds `layers`) for the
+sharding rules, and whether AdamW decays it. Parameters are float32; each layer computes in the
+dtype of its input.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(value: jax.Array, axes: tuple, weight_decay: bool = True) -> nnx.Param:
+    """A parameter with logical axis names (sharded later from one rules table) and a weight-decay
+    flag (off for norms, gates and the static HC/mHC coefficients)."""
+    assert len(axes) == value.ndim, (axes, value.shape)
+    value = jnp.asarray(value, jnp.float32)  # also drops weak types, which would make jit recompile
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, weight_decay=weight_decay)
+
+
+def normal(rngs: nnx.Rngs, shape: tuple, std: float) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, jnp.float32)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = param(jnp.ones((dim,)), ("norm",), weight_decay=False)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = rms_normalize(x.astype(jnp.float32), self.eps) * self.scale[...]
+        return y.astype(x.dtype)
+
+
+def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotating the two halves of each head (computed in float32)."""
+    half = x_BTHD.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BTR = positions_BT[..., None].astype(jnp.float32) * inv_freq
+    cos, sin = jnp.cos(angle_BTR)[:, :, None, :], jnp.sin(angle_BTR)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BTHD.dtype)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, C: int, F: int, out_std: float, rngs: nnx.Rngs):
+        self.w_gate = param(normal(rngs, (C, F), C**-0.5), ("embed", "mlp"))
+        self.w_up = param(normal(rngs, (C, F), C**-0.5), ("embed", "mlp"))
+        self.w_down = param(normal(rngs, (F, C), out_std * F**-0.5), ("mlp", "embed"))
+
+    def __call__(self, x_BTC: jax.Array) -> jax.Array:
+        dtype = x_BTC.dtype
+        gate_BTF = jax.nn.silu(x_BTC @ self.w_gate[...].astype(dtype))
+        up_BTF = x_BTC @ self.w_up[...].astype(dtype)
+        return (gate_BTF * up_BTF) @ self.w_down[...].astype(dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding; `attend` is the tied unembedding."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        C = cfg.d_model
+        self.table = param(normal(rngs, (cfg.vocab_size, C), C**-0.5), ("vocab", "embed"))
+
+    def __call__(self, tokens_BT: jax.Array, dtype) -> jax.Array:
+        return self.table[...].astype(dtype)[tokens_BT]
+
+    def attend(self, h_BTC: jax.Array) -> jax.Array:
+        return h_BTC @ self.table[...].astype(h_BTC.dtype).T
