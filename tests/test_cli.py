@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_user_error
 
+pytestmark = pytest.mark.slow  # every test here starts a script in a subprocess
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -87,6 +89,7 @@ def test_a_missing_config_file_is_one_line_with_or_without_overrides():
 REFAULTS = """
 import ctypes, resource, sys
 from mhc_jax import host_memory
+
 applied = sys.argv[1] == "reuse" and host_memory.reuse_freed_pages()
 libc, size = ctypes.CDLL(None), 256 << 20  # a block as large as a step's temporaries
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]

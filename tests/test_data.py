@@ -131,6 +131,7 @@ def test_bad_pipeline_inputs(dataset, tmp_path):
         batches(dataset, process_count=3)
 
 
+@pytest.mark.slow
 def test_bench_reports_every_variant_and_the_pipeline(dataset):
     """scripts/bench.py's tiny mode: valid JSON with every field (no timing is asserted)."""
     out, _ = dataset

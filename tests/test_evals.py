@@ -50,6 +50,7 @@ REQUESTS = [("The stream of", " residual"), ("Sinkhorn keeps the gain ", "near o
             (corpus_documents()[3], " and"), ("x" * 3, " y" * 40)]
 
 
+@pytest.mark.slow
 def test_batching_changes_no_loglikelihood(workdir):
     alone = LanguageModel(workdir, batch_size=1).loglikelihood(REQUESTS)
     together = LanguageModel(workdir, batch_size=8).loglikelihood(REQUESTS)
@@ -58,6 +59,7 @@ def test_batching_changes_no_loglikelihood(workdir):
     assert all(s < 0 for s, _ in alone)
 
 
+@pytest.mark.slow
 def test_scoring_and_decoding_split_the_batch_over_the_devices(workdir):
     """Traced under the parameters' mesh, the model's sharding constraints apply: each of the 8
     devices scores and decodes its share of the batch (computed whole on every device, an 8-device
@@ -72,6 +74,7 @@ def test_scoring_and_decoding_split_the_batch_over_the_devices(workdir):
         assert compiled.output_shardings[0].spec[0] is not None, compiled.output_shardings[0]
 
 
+@pytest.mark.slow
 def test_rolling_loglikelihood_is_the_text_after_end_of_text(workdir):
     model = LanguageModel(workdir, batch_size=4, max_length=16)
     texts = [corpus_documents()[0][:60], corpus_documents()[1]]
@@ -81,6 +84,7 @@ def test_rolling_loglikelihood_is_the_text_after_end_of_text(workdir):
     assert rolling[1] < whole[1][0]  # windows of 16 tokens see less context than the whole text
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_answers_like_the_harness(workdir):
     adapter = HarnessModel(workdir=str(workdir), batch_size=4)
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(REQUESTS)]
@@ -94,6 +98,7 @@ def test_lm_eval_adapter_answers_like_the_harness(workdir):
     assert adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("Some text.",), 0)])[0] < 0
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_honours_sampling_kwargs(workdir):
     """Greedy unless do_sample; seeded sampling differs from greedy and repeats with its seed; what the
     decoder cannot do is refused, not ignored."""
@@ -176,6 +181,7 @@ def test_prompts_are_rendered_exactly(tmp_path, monkeypatch):
     assert registry.TASKS["hellaswag"].keywords["task"].examples(folder)[0].choices[0] == " it. well."
 
 
+@pytest.mark.slow
 def test_every_task_end_to_end(workdir, fetched_eval_data):
     data_dir, _ = fetched_eval_data
     result = run_eval(f"--workdir={workdir}", f"--tasks={ALL_TASKS}", "--limit=3", f"--data_dir={data_dir}")
@@ -198,6 +204,7 @@ def test_every_task_end_to_end(workdir, fetched_eval_data):
     assert merged["tasks"]["piqa"]["n"] == 2 and merged["tasks"]["mmlu"] == results["tasks"]["mmlu"]
 
 
+@pytest.mark.slow
 def test_bad_inputs(workdir, fetched_eval_data, tmp_path):
     data_dir, _ = fetched_eval_data
     assert_user_error(run_eval(f"--workdir={workdir}", f"--data_dir={tmp_path / 'none'}"),
@@ -213,6 +220,7 @@ def test_bad_inputs(workdir, fetched_eval_data, tmp_path):
                       "piqa/validation.jsonl", "sha256")
 
 
+@pytest.mark.slow
 def test_an_unreadable_newest_step_is_skipped_and_left_alone(workdir, tmp_path, caplog):
     """eval.py reads a workdir, never changes it: a newest step without its metadata is passed over
     for the one before with a warning, and named when asked for by --step."""
@@ -243,6 +251,7 @@ def test_headlines_weight_subtasks_by_size_as_lm_evals_groups():
     assert "subtask_mean" not in aggregate(["", ""], [{"acc": 1.0}, {"acc": 0.0}])
 
 
+@pytest.mark.slow
 def test_lmeval_check_finds_full_agreement(workdir, fetched_eval_data):
     """scripts/lmeval_check.py: our eval.py path and lm-eval's own tasks (through our adapter) agree on
     prompts, log-likelihoods, generations and scores for the first examples of MMLU, GSM8K and BBH."""

@@ -21,6 +21,7 @@ from mhc_jax.training import checkpoint
 from mhc_jax.training.experiment import Experiment
 
 
+@pytest.mark.slow
 def test_a_second_signal_during_the_stop_checkpoint_leaves_only_committed_steps(default_data, tmp_path):
     """SIGINT, then SIGINT again while the stop checkpoint is being written: the process ends at once
     with one line (or cleanly, if the save won the race), and every step on disk reads."""
@@ -41,6 +42,7 @@ def test_a_second_signal_during_the_stop_checkpoint_leaves_only_committed_steps(
     assert "unreadable" not in resumed.stderr and losses(workdir)[-1][0] == 12
 
 
+@pytest.mark.slow
 def test_eval_beside_a_running_training_reads_committed_steps(default_data, fetched_eval_data, tmp_path):
     """train.py saves every step and keeps one checkpoint (each save deletes the step before);
     eval.py on the same workdir meanwhile evaluates a step that was committed, retrying when the
@@ -60,6 +62,7 @@ def test_eval_beside_a_running_training_reads_committed_steps(default_data, fetc
     assert len(evaluated) == 1 and 1 <= evaluated[0] <= losses(workdir)[-1][0]
 
 
+@pytest.mark.slow
 def test_a_host_without_the_data_stops_every_process_with_one_line(default_data, tmp_path):
     """2 processes, each in its own folder with a relative data.dir that only process 0's folder holds
     (as on hosts without a shared filesystem): both stop at start, naming process 1."""
@@ -80,6 +83,7 @@ def test_a_host_without_the_data_stops_every_process_with_one_line(default_data,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_two_slurm_processes_train_like_one_through_the_sweeps_sbatch_script(straight_run, default_data, tmp_path):
     """scripts/sweep.py --launcher=slurm writes the sbatch script; it runs as written, its srun a stand-in
     that starts 2 processes x 4 devices (data=2 x fsdp=4) on localhost with SLURM's variables, which
@@ -175,6 +179,7 @@ def test_a_checkpoint_of_another_structure_is_refused_not_set_aside(tmp_path):
     assert checkpoints.steps() == [1]
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoints_are_survived_to_the_end(straight_run, default_data, tmp_path):
     """The newest checkpoint without its metadata, the one before with its state truncated: both are
     set aside, the run resumes from the third, saves their steps again and ends like the straight run."""

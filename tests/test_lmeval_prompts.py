@@ -35,7 +35,10 @@ import lm_eval.utils
 import pytest
 
 from mhc_jax.evals import bbh, eval_data, gsm8k, mmlu
+from mhc_jax.evals.lmeval_check import first_difference
 from mhc_jax.evals.lmeval_tasks import MMLU_SHOTS, OfflineTask, harness_task
+
+pytestmark = pytest.mark.slow  # every test here needs the fetched benchmarks
 
 EXPECTED_PROMPTS = {"mmlu": 14042, "gsm8k": 1319, "bbh": 6511}
 SHOWN = 5  # mismatches spelled out in a failure message
@@ -69,19 +72,12 @@ def harness_requests(task: OfflineTask) -> list[tuple[str, list]]:
     return requests
 
 
-def first_difference(ours: str, theirs: str, context: int = 40) -> str:
-    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    start = max(0, at - context)
-    return (f"first difference at character {at} (lengths {len(ours)} and {len(theirs)}): "
-            f"ours {ours[start:at + context]!r}, lm-eval's {theirs[start:at + context]!r}")
-
-
 def mismatches(task_name: str, file: str, ours: list[str], theirs: list[str], rows=None) -> list[str]:
     """A line for each prompt that differs: the harness task, the row of our data file it was built from
     (`rows[i]` for the i-th prompt; by default the i-th row) and where the two first part."""
     rows = range(len(ours)) if rows is None else rows
     assert len(ours) == len(theirs) == len(rows), f"{task_name}: {len(ours)} prompts, lm-eval's {len(theirs)}"
-    return [f"{task_name}, {file} row {row}: {first_difference(a, b)}"
+    return [f"{task_name}, {file} row {row}: {first_difference(a, b, context=40)}"
             for row, a, b in zip(rows, ours, theirs) if a != b]
 
 

@@ -114,6 +114,7 @@ def mesh_of(sizes):
     return jax.make_mesh(sizes, sharding.MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
+@pytest.mark.slow
 def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device():
     """The same parameters and batch on one device and on 8 with expert = 4 (x fsdp = 2) and = 8. The
     expert dispatch sees [B, T, C] whatever the residual connection; mhc's four streams stand for all."""
@@ -143,6 +144,7 @@ def dispatch_all_to_alls(mesh_sizes) -> int:
     return sum(" all-to-all(" in line and "take_along_axis" in line for line in hlo.splitlines())
 
 
+@pytest.mark.slow
 def test_tokens_reach_their_experts_by_all_to_all():
     assert dispatch_all_to_alls((1, 2, 4, 1)) > 0
     assert dispatch_all_to_alls((1, 8, 1, 1)) == 0  # without an expert axis every device has every expert

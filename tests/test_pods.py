@@ -30,6 +30,7 @@ def dry_run(*args, devices=1):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_debug_scales_fit_simulated_cpus_and_a_tpu_slice():
     for args in (("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:8"),
                  ("--config=configs/pretrain.py:mhc,moe_debug", "--topology=v5p-8", "--config.mesh.expert=2")):
@@ -42,6 +43,7 @@ def test_debug_scales_fit_simulated_cpus_and_a_tpu_slice():
     assert report["mesh"]["expert"] == 2 and report["dtype"] == "bfloat16" and report["days"] > 0
 
 
+@pytest.mark.slow
 def test_a_config_too_large_for_the_chip_does_not_fit():
     result = dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=v5e-1", "--config.train.batch_size=512",
                      "--config.train.seq_len=4096")
@@ -49,6 +51,7 @@ def test_a_config_too_large_for_the_chip_does_not_fit():
     assert "DOES NOT FIT" in result.stdout
 
 
+@pytest.mark.slow
 def test_dry_run_bad_inputs():
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=v5p-7"),
                       "--topology: unknown topology 'v5p-7'", "v5p-8 ... v5p-2048")
@@ -61,6 +64,7 @@ def test_dry_run_bad_inputs():
 @pytest.mark.parametrize("start,walk", [("v5p-256", ["v5p-256", "v5p-128", "v5p-64"]),
                                          ("v5p-32", ["v5p-32", "v5p-64", "v5p-128"]),
                                          ("v5p-2048", ["v5p-2048", "v5p-1024", "v5p-512", "v5p-256", "v5p-128", "v5p-64"])])
+@pytest.mark.slow
 def test_suggest_walks_from_the_named_slice_to_the_smallest_that_fits_then_the_lightest_remat(start, walk):
     """The search with a stand-in for the compiler: a slice fits from 64 devices (v5p-128) up, remat
     'none' never; from above it walks down, from below up, each slice with remat 'full' first."""
@@ -80,6 +84,7 @@ def test_suggest_walks_from_the_named_slice_to_the_smallest_that_fits_then_the_l
     assert not aot.suggest(config, topology.parse(start), lambda c, t: compile_for(c, t) | {"fits": False})["fits"]
 
 
+@pytest.mark.slow
 def test_topology_names():
     assert topology.parse("v5p-256").libtpu_name == "v5p:4x4x8" and topology.parse("v5p-256").devices == 128
     assert topology.parse("v6e-64").libtpu_name == "v6e:8x8"
@@ -123,6 +128,7 @@ def finished_sweep(tmp_path_factory, default_data):
     return root
 
 
+@pytest.mark.slow
 def test_a_local_sweep_resumes_and_compare_reports_its_runs_own_numbers(finished_sweep, tmp_path):
     result = subprocess.run([sys.executable, "scripts/compare.py", str(finished_sweep)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
@@ -145,6 +151,7 @@ def test_a_local_sweep_resumes_and_compare_reports_its_runs_own_numbers(finished
     assert all((out / name).stat().st_size > 1000 for name in ("loss_vs_tokens.png", "amax.png", "scaling.png"))
 
 
+@pytest.mark.slow
 def test_compare_refuses_runs_on_other_data(finished_sweep, tmp_path):
     other = tmp_path / "other"
     (other / "run").mkdir(parents=True)
@@ -156,6 +163,7 @@ def test_compare_refuses_runs_on_other_data(finished_sweep, tmp_path):
     assert_user_error(result, "different tokenizers", "compare runs on the same data only")
 
 
+@pytest.mark.slow
 def test_the_tpu_launchers_script_matches_its_recording(tmp_path):
     runs = sweep.grid(["residual", "mhc"], ["debug"], [0], ["--config.train.steps=30"], group="paper")
     script = launchers.tpu_script(runs, "gs://bucket/sweeps/paper", "my-v5p", "us-east5-a", "mhc-jax", "python3")
@@ -164,6 +172,7 @@ def test_the_tpu_launchers_script_matches_its_recording(tmp_path):
     assert subprocess.run(["bash", "-n", str(tmp_path / "tpu.sh")]).returncode == 0
 
 
+@pytest.mark.slow
 def test_sweep_bad_inputs(tmp_path):
     assert_user_error(run_sweep(tmp_path / "s", "--launcher=tpu", "--tpu_name=a", "--tpu_zone=b"),
                       "--root:", "use a bucket")

@@ -177,6 +177,7 @@ def no_leftovers(parent: Path) -> bool:
     return not [p for p in parent.iterdir() if ".partial-" in p.name or ".replaced-" in p.name]
 
 
+@pytest.mark.slow
 def test_bad_inputs_fail_cleanly(tmp_path):
     out = tmp_path / "out"
     assert_user_error(run_prepare(f"--out={out}", f"--source={tmp_path / 'missing'}"), "--source", "missing")
@@ -192,6 +193,7 @@ def test_bad_inputs_fail_cleanly(tmp_path):
     assert not out.exists() and no_leftovers(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_different_dataset_is_kept_unless_overwrite(tmp_path):
     source, out = write_source(tmp_path / "source", "jsonl"), tmp_path / "out"
     assert run_prepare(f"--out={out}", f"--source={source}", "--vocab_size=400", "--val_fraction=0.25").returncode == 0

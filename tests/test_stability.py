@@ -50,6 +50,7 @@ def run_table(report: str) -> list[dict]:
     return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[start + 2:end]]
 
 
+@pytest.mark.slow
 def test_the_study_writes_its_plots_and_a_report_with_every_field(finished_study):
     report = (finished_study / "report.md").read_text()
     for plot in PLOTS:
@@ -66,6 +67,7 @@ def test_the_study_writes_its_plots_and_a_report_with_every_field(finished_study
         assert row["final validation loss"] != "-" and row["max composite Amax forward"] != "-", row
 
 
+@pytest.mark.slow
 def test_the_reports_amax_numbers_are_those_in_metrics_jsonl(finished_study):
     for row in run_table((finished_study / "report.md").read_text()):
         records = [json.loads(line) for line in (finished_study / "runs" / row["run"] / "metrics.jsonl").open()]
@@ -82,6 +84,7 @@ def test_the_reports_amax_numbers_are_those_in_metrics_jsonl(finished_study):
             assert row["max composite Amax forward"] == "1"
 
 
+@pytest.mark.slow
 def test_the_heat_maps_show_doubly_stochastic_mhc_and_free_hc(finished_study):
     maps = json.loads((finished_study / "summary.json").read_text())["h_res"]
     for kind in ("single", "composite"):
@@ -92,6 +95,7 @@ def test_the_heat_maps_show_doubly_stochastic_mhc_and_free_hc(finished_study):
     assert np.abs(np.array(maps["hc"]["single"]).sum(axis=1) - 1).max() > 1e-4  # HC's rows are free
 
 
+@pytest.mark.slow
 def test_the_same_command_reuses_the_runs_and_other_settings_are_refused(finished_study, small_data):
     metrics = {p: p.read_bytes() for p in finished_study.glob("runs/*/metrics.jsonl")}
     result = run_study(finished_study, *TINY, data_dir=small_data)
@@ -103,6 +107,7 @@ def test_the_same_command_reuses_the_runs_and_other_settings_are_refused(finishe
     assert (finished_study / "report.md").read_bytes() == report
 
 
+@pytest.mark.slow
 def test_bad_inputs_and_a_budget_too_small(small_data, tmp_path):
     assert_user_error(run_study(tmp_path / "a", "--seeds=0,x", data_dir=small_data), "--seeds", "0,x")
     assert_user_error(run_study(tmp_path / "a", "--stress_lr_factor=1", data_dir=small_data), "--stress_lr_factor")

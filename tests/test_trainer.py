@@ -20,6 +20,7 @@ from helpers import (
     run_train,
     stop_with_sigterm,
 )
+from tensorboard.backend.event_processing import event_accumulator
 
 from configs.pretrain import get_config
 from mhc_jax import sharding
@@ -31,6 +32,7 @@ from mhc_jax.training.experiment import Experiment
 ROOT = Path(__file__).parents[1]
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_contract(straight_run):
     lines = records(straight_run)
     assert [r["step"] for r in lines] == list(range(1, 25))
@@ -47,8 +49,16 @@ def test_a_run_writes_its_contract(straight_run):
     assert (meta["variant"], meta["n_streams"], meta["step"]) == ("hc", 4, 24)
     assert meta["tokenizer_sha256"] == pipeline.load_manifest(meta["config"]["data"]["dir"])["tokenizer"]["sha256"]
     assert (straight_run / "run.png").stat().st_size > 10_000
+    events = event_accumulator.EventAccumulator(str(straight_run / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "grad_norm", "eval_loss", "amax_forward"):  # TensorBoard holds metrics.jsonl's scalars
+        logged = [(r["step"], r[key]) for r in lines if key in r]
+        read = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [step for step, _ in read] == [step for step, _ in logged], key
+        np.testing.assert_allclose([v for _, v in read], [v for _, v in logged], rtol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_repeats_every_loss_bit_for_bit(straight_run, default_data, tmp_path):
     """Also with wandb in offline mode: the resumed run continues the same wandb run."""
     wandb = "--config.log.wandb=True"
@@ -63,6 +73,7 @@ def test_stop_and_resume_repeats_every_loss_bit_for_bit(straight_run, default_da
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(straight_run, default_data, tmp_path):
     process = run_train(tmp_path / "run", *STRAIGHT, data_dir=default_data, wait=False)
     stop_with_sigterm(process, tmp_path / "run", after_lines=8)
@@ -91,6 +102,7 @@ def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):
     return experiment.evaluate(state["params"], evals)
 
 
+@pytest.mark.slow
 def test_checkpoints_restore_onto_other_meshes(straight_run, default_data, tmp_path):
     saved_on = tmp_path / "run"  # 8 devices as data=4 x fsdp=2
     result = run_train(saved_on, *STRAIGHT, "--config.train.eval_every=24", "--config.mesh.data=4",
@@ -104,6 +116,7 @@ def test_checkpoints_restore_onto_other_meshes(straight_run, default_data, tmp_p
 
 # Every variant at debug (residual and mhc in test_pods.py's sweep), one stream at moe_debug (four:
 # test_trainer_moe.py's run; the residual connection treats the MoE block like any other).
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,scale", [("hc", "debug"), ("hc_static", "debug"), ("residual", "moe_debug")])
 def test_loss_decreases_on_the_default_corpus(default_data, tmp_path, variant, scale):
     result = run_train(tmp_path / "run", "--config.train.steps=40", "--config.train.log_every=1",
@@ -113,6 +126,7 @@ def test_loss_decreases_on_the_default_corpus(default_data, tmp_path, variant, s
     assert np.mean(values[-5:]) < np.mean(values[:5]) - 1.0, values
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_without_a_bad_checkpoint(default_data, tmp_path):
     result = run_train(tmp_path / "run", "--config.train.lr=1e30", "--config.train.log_every=1",
                        "--config.train.checkpoint_every=1", data_dir=default_data)
@@ -121,6 +135,7 @@ def test_nan_guard_stops_without_a_bad_checkpoint(default_data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+@pytest.mark.slow
 def test_bad_inputs(straight_run, default_data, tmp_path):
     assert_user_error(run_train(tmp_path / "a", "--config.mesh.data=3", "--config.mesh.fsdp=2",
                                 data_dir=default_data), "mesh:", "there are 8 devices")

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from helpers import losses, records, run_train, stop_with_sigterm, xla_flags
 
+pytestmark = pytest.mark.slow  # every test here trains in a subprocess
+
 ROOT = Path(__file__).parents[1]
 
 

@@ -125,15 +125,15 @@ def depth_compile_seconds(config, depths: list[int]) -> dict:
     return seconds
 
 
-def data_tokens_per_sec(config, batches: int) -> float:
-    """Tokens per second that the training pipeline delivers, over `batches` batches."""
+def data_tokens_per_sec(config, count: int) -> float:
+    """Tokens per second that the training pipeline delivers, over `count` batches."""
     manifest = pipeline.load_manifest(config.data.dir)
     batches = pipeline.train_batches(config.data.dir, manifest, seq_len=config.train.seq_len,
                                  global_batch_size=config.train.batch_size, seed=0)
     iterator = pipeline.train_iterator(batches)
     next(iterator)  # starts the prefetch threads
     start, tokens = time.perf_counter(), 0
-    for _ in range(batches):
+    for _ in range(count):
         tokens += next(iterator)["tokens"][:, 1:].size
     return tokens / (time.perf_counter() - start)
 
