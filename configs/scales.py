@@ -2,7 +2,7 @@
 
 Dense scales (Llama-style decoders): the name is the non-embedding parameter count of the
 `residual` model, within 10% (`tests/test_configs.py` checks it, `scripts/count_params.py` prints it).
-Paper scales (DeepSeek-V3-style MoE + MLA, the mHC paper's Table 5; spec/paper_scale.md): the name
+Paper scales (DeepSeek-V3-style MoE + MLA, the mHC paper's Table 5; docs/paper_models.md): the name
 is the total parameter count; `d_ff` is the first (dense) layer's width, (n_shared + top_k) * d_expert.
 """
 

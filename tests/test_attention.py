@@ -1,4 +1,4 @@
-"""Multi-head latent attention against a NumPy transcription of spec/paper_scale.md, and at full
+"""Multi-head latent attention against a NumPy transcription of docs/paper_models.md, and at full
 rank against ordinary multi-head attention (decoding from the latent cache: test_generate.py)."""
 
 import jax

@@ -1,4 +1,4 @@
-"""Amax gain (mHC paper section 3.1, spec section 8) on hand-built maps with known answers."""
+"""Amax gain (mHC paper section 3.1, docs/math.md) on hand-built maps with known answers."""
 
 import itertools
 

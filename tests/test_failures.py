@@ -1,4 +1,4 @@
-"""How train.py and eval.py behave when things go wrong (the README's Failure behaviour): damaged
+"""How train.py and eval.py behave when things go wrong (docs/training.md, Failure behaviour): damaged
 checkpoints, a second signal during the stop checkpoint, eval.py beside a running training, a run
 resumed on other numbers of processes, a host without the data."""
 

@@ -1,4 +1,4 @@
-"""The residual connections against their definitions (spec sections 2, 3 and 8)."""
+"""The residual connections against their definitions (docs/math.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +138,7 @@ def test_mhc_residual_permutation_permutes_the_streams():
 
 @pytest.mark.parametrize("res_init_scale", [4.0, 0.0])
 def test_mhc_with_zero_gates_is_the_residual_network(res_init_scale):
-    """Spec section 8: with alpha = 0 and identical streams, any row-stochastic H_res leaves them
+    """docs/math.md, identities: with alpha = 0 and identical streams, any row-stochastic H_res leaves them
     identical, so the n-stream sum is n times the residual stream and the final norm removes n."""
     tokens = random_tokens(512)
     baseline = make_model("residual")(tokens)

@@ -93,7 +93,7 @@ def test_gradients_match_finite_differences(fast):
 
 
 def test_default_init_bias_is_near_identity_with_live_gradients():
-    """b_res = 4 I (spec section 8): diag about 0.95, not saturated, so H_res can learn."""
+    """b_res = 4 I (docs/math.md): diag about 0.95, not saturated, so H_res can learn."""
     m = sinkhorn(4.0 * jnp.eye(4), 20)
     np.testing.assert_allclose(jnp.diag(m), 0.948, atol=2e-3)
     grads = jax.grad(lambda z: sinkhorn(z, 20)[0, 1])(4.0 * jnp.eye(4))

@@ -3,7 +3,7 @@
 - `Attention`: multi-head attention with RoPE; n_kv_heads < n_heads is grouped-query attention.
   The dense scales use it. Its cache holds every token's keys and values.
 - `LatentAttention`: DeepSeek's multi-head latent attention (MLA) without query compression, the
-  paper's scales (spec/paper_scale.md). Keys and values come from a compressed latent
+  paper's scales (docs/paper_models.md). Keys and values come from a compressed latent
   c = RMSNorm(x W_kv_a) of kv_rank dims; a rope_dim-dim RoPE key, also from x W_kv_a, is shared by
   all heads. Scores use [q_nope; q_rope] . [k_nope; k_rope] over head_dim + rope_dim dims. Its cache
   holds only the latent and the RoPE key per token (kv_rank + rope_dim numbers): decoding folds

@@ -3,7 +3,7 @@
 For a map P acting as x' = P x (rows make the new streams):
   forward gain  = max_i |sum_j P_ij|   (largest absolute row sum: amplification of the forward signal)
   backward gain = max_j |sum_i P_ij|   (largest absolute column sum: amplification of the gradient)
-computed per token, then averaged over the tokens (spec section 8). Doubly stochastic maps give 1
+computed per token, then averaged over the tokens (docs/math.md, "Amax gain"). Doubly stochastic maps give 1
 and 1; mHC's truncated Sinkhorn keeps rows exact and lets columns drift, which `min_col_sum` and
 `max_abs_log_col_sum` (attenuation as well as amplification) expose.
 """

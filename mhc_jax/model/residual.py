@@ -54,7 +54,7 @@ def apply_maps(x_BTNC: jax.Array, maps: SiteMaps, branch) -> tuple[jax.Array, ob
     """One site's update, accumulated in float32 so that row sums of H_res stay exact: one
     contraction reads u = H_pre x, one mixes H_res x, and the write adds H_post y. XLA runs each
     contraction as a per-token matrix product; on CPU that is faster, forward and backward, than
-    spelling them as elementwise sums over the n streams (README, Throughput)."""
+    spelling them as elementwise sums over the n streams (docs/performance.md)."""
     x32_BTNC = x_BTNC.astype(jnp.float32)
     u_BTC = jnp.einsum("btn,btnc->btc", maps.pre, x32_BTNC).astype(x_BTNC.dtype)
     y_BTC, aux = branch(u_BTC)
@@ -198,7 +198,7 @@ class ManifoldHyperConnection(nnx.Module):
     RMSNorm over n*C and one projection phi [n*C, 2n + n^2] packed as [pre | post | res], gated by
     alpha = (alpha_pre, alpha_post, alpha_res) and offset by the static bias b.
 
-    Init (spec section 8): sigmoid(b_pre) = 1/n, 2 sigmoid(b_post) = 1, b_res = s * I, alpha = 0.01,
+    Init (docs/math.md, "How the variants are built"): sigmoid(b_pre) = 1/n, 2 sigmoid(b_post) = 1, b_res = s * I, alpha = 0.01,
     phi random. With identical streams this is exactly the pre-norm residual network, and the
     random phi breaks the stream symmetry once training moves alpha.
     """
