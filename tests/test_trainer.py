@@ -16,6 +16,7 @@ from helpers import (
     corpus_documents,
     debug_model_config,
     losses,
+    prepare_small_corpus,
     records,
     run_train,
     stop_with_sigterm,
@@ -204,3 +205,35 @@ def test_microbatches_accumulate_to_the_full_batch_update():
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), split_params, whole_params)
+
+
+TIMINGS = ("compile_seconds", "step_seconds", "tokens_per_sec", "mfu")
+
+
+def train_in_process(workdir, data_dir, read_late: bool, **train_fields) -> None:
+    """trainer.train's setup / loop / teardown here, with metrics read late (as on an accelerator) or
+    at once (as on CPU)."""
+    config = get_config("mhc,debug")
+    config.data.dir, config.log.progress = str(data_dir), False
+    config.train.update(train_fields)
+    run = trainer.setup(config, workdir)
+    run.read_late = read_late
+    try:
+        trainer.loop(run)
+    finally:
+        trainer.teardown(run)
+
+
+def test_reading_metrics_one_step_late_logs_the_same_and_still_guards(tmp_path):
+    data_dir = prepare_small_corpus(tmp_path)
+    cadences = dict(steps=10, log_every=1, eval_every=5, diag_every=4, checkpoint_every=3)
+    logged = {}
+    for late in (False, True):
+        train_in_process(tmp_path / f"late-{late}", data_dir, late, **cadences)
+        logged[late] = [{k: v for k, v in r.items() if k not in TIMINGS} for r in records(tmp_path / f"late-{late}")]
+    assert [r["step"] for r in logged[True]] == list(range(1, 11))
+    assert logged[True] == logged[False]
+    # Step 2 diverges; read late, it is found while step 3 runs, and step 3 (a checkpoint step) is never saved.
+    with pytest.raises(trainer.TrainingDiverged, match="step 2: loss nan"):
+        train_in_process(tmp_path / "diverged", data_dir, True, steps=6, lr=1e30, checkpoint_every=3)
+    assert not [p for p in (tmp_path / "diverged" / "checkpoints").iterdir() if p.name.isdigit()]

@@ -1,12 +1,13 @@
 """The training loop: `train` = `setup` (mesh, data, model, init or restore), `loop` (the jitted
 steps, evaluation, stability diagnostics, checkpoints, a clean stop when preempted) and `teardown`.
 
-The loop never waits for the accelerator to queue the next step: each step's metrics are read on
-the host one step late, after the next step has been dispatched, except on the steps that evaluate,
-diagnose or checkpoint, which read them at once. The guarantee that follows: a checkpoint of step k
-is written only after the loss and gradient norm of every step up to k were read and found finite;
-a non-finite one stops the run (TrainingDiverged) at most one step later, with nothing saved past
-the last finite checkpoint.
+On an accelerator the loop never makes it wait for the host: each step's metrics are read one step
+late, after the next step has been dispatched, except on the steps that evaluate, diagnose or
+checkpoint, which read them at once. On CPU the "device" is the host's own cores, so there is
+nothing to overlap and the loop reads every step at once (docs/results/2026-12-06-package.md
+measured the overlap slower there). Either way: a checkpoint of step k is written only after the
+loss and gradient norm of every step up to k were read and found finite; a non-finite one stops the
+run (TrainingDiverged) at most one step later, with nothing saved past the last finite checkpoint.
 """
 
 import dataclasses
@@ -189,6 +190,7 @@ class Training:
     meta: dict
     clock: StepClock
     stop: StopRequest
+    read_late: bool  # read a step's metrics after dispatching the next (accelerators; see the module docstring)
 
 
 def setup(config, workdir, vocab_overridden: bool = False) -> Training:
@@ -220,7 +222,8 @@ def setup(config, workdir, vocab_overridden: bool = False) -> Training:
                     iterator=pipeline.train_iterator(batches, start_step=step),  # the data position is the step
                     eval_batches=eval_batches, diag_tokens=experiment.global_batch(eval_batches[0])["tokens"],
                     checkpoints=checkpoints, log=runlog.RunLog(workdir, config, start_step=step),
-                    meta=run_meta(config, manifest), clock=StepClock(config), stop=StopRequest())
+                    meta=run_meta(config, manifest), clock=StepClock(config), stop=StopRequest(),
+                    read_late=jax.default_backend() != "cpu")
 
 
 def write_run_files(config, manifest, workdir) -> None:
@@ -233,8 +236,8 @@ def write_run_files(config, manifest, workdir) -> None:
 
 
 def loop(run: Training) -> None:
-    """Steps until `stop_at` or a stop request. Each step is dispatched before the previous step's
-    metrics are read, so the accelerator always has the next step queued."""
+    """Steps until `stop_at` or a stop request. With `read_late`, each step is dispatched before the
+    previous step's metrics are read, so the accelerator always has the next step queued."""
     t = run.config.train
     unread = None  # (step, metrics still on the device)
     run.clock.restart()
@@ -245,11 +248,13 @@ def loop(run: Training) -> None:
         if unread:
             read_step(run, *unread)
         unread = (run.step, metrics)
-        # With several processes, agreeing on a stop is a collective that waits for the device: at log steps only.
-        preempted = (jax.process_count() == 1 or every(run.step, t.log_every, run.stop_at)) and run.stop.agreed()
+        # With several processes, agreeing on a stop is a collective that waits for the device: when the
+        # loop reads late, only at log steps.
+        agree = not run.read_late or jax.process_count() == 1 or every(run.step, t.log_every, run.stop_at)
+        preempted = agree and run.stop.agreed()
         evaluate, diagnose = every(run.step, t.eval_every, t.steps), every(run.step, t.diag_every, t.steps)
         save = every(run.step, t.checkpoint_every, run.stop_at) or preempted
-        if evaluate or diagnose or save:
+        if evaluate or diagnose or save or not run.read_late:
             read_step(run, *unread, evaluate=evaluate, diagnose=diagnose)
             unread = None
             if save:
