@@ -79,6 +79,7 @@ def test_capacity_drops_the_latest_tokens_of_an_overloaded_expert():
     assert kept.tolist() == [True] * capacity + [False] * (16 - capacity)  # first come, first served
 
 
+@pytest.mark.slow
 def test_the_bias_update_moves_load_from_overloaded_experts():
     """A model whose router sends most tokens to two experts: train steps with lr = 0 move only the
     bias, and the busiest expert's load over the mean falls until it hovers near balance."""

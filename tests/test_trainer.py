@@ -189,6 +189,7 @@ def test_fsdp_leaves_almost_nothing_replicated(monkeypatch):
     assert Experiment(config, mesh).replicated_fraction > 0.5
 
 
+@pytest.mark.slow
 def test_microbatches_accumulate_to_the_full_batch_update():
     mesh = jax.make_mesh((1, 4, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:4],
                          axis_types=(jax.sharding.AxisType.Auto,) * 4)
@@ -224,6 +225,7 @@ def train_in_process(workdir, data_dir, read_late: bool, **train_fields) -> None
         trainer.teardown(run)
 
 
+@pytest.mark.slow
 def test_reading_metrics_one_step_late_logs_the_same_and_still_guards(tmp_path):
     data_dir = prepare_small_corpus(tmp_path)
     cadences = dict(steps=10, log_every=1, eval_every=5, diag_every=4, checkpoint_every=3)
