@@ -3,7 +3,7 @@
     python scripts/bench.py --config=configs/pretrain.py:mhc,100m [--config.a.b=v ...]
                             [--variants=residual,hc,mhc] [--steps=10] [--depths=12,48] [--profile]
 
-What it measures is described in mhc_jax/training/bench.py.
+What it measures is described in mhc_jax/pods/bench.py.
 """
 
 import json
@@ -13,7 +13,8 @@ from absl import flags
 
 from mhc_jax import cli
 from mhc_jax.model import residual
-from mhc_jax.training import bench, trainer
+from mhc_jax.pods import bench
+from mhc_jax.training import trainer
 
 CONFIG = cli.define_config_flag()
 VARIANTS = cli.define_choices("variants", None, residual.VARIANTS,
