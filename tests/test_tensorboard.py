@@ -1,4 +1,4 @@
-"""The TensorBoard event-file writer (mhc_jax/training/tensorboard.py), read back by TensorBoard's own
+"""The TensorBoard event-file writer (mhc_jax/training/tensorboard_writer.py), read back by TensorBoard's own
 reader (the tensorboard package, without TensorFlow: its pure-Python record reader checks CRCs)."""
 
 import math
@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing import event_accumulator, event_file_l
 from tensorboard.compat import tf as tb_tf
 
 from mhc_jax import workdirs
-from mhc_jax.training import tensorboard
+from mhc_jax.training import tensorboard_writer
 
 # Multi-byte varint steps (300, 2**40) and every kind of value write_scalars takes or skips.
 STEPS = [0, 1, 300, 2**40]
@@ -25,7 +25,7 @@ EXPECTED_TAGS = {"train/loss", "train/lr", "tokens", "grad_norm", "overflow"}
 
 
 def write(logdir, steps=STEPS):
-    writer = tensorboard.TensorBoardWriter(logdir)
+    writer = tensorboard_writer.TensorBoardWriter(logdir)
     for step in steps:
         writer.write_scalars(step, scalars(step))
     writer.close()
@@ -62,7 +62,7 @@ def test_round_trip(tmp_path):
 
 
 def test_local_file_appends_on_flush(tmp_path):
-    writer = tensorboard.TensorBoardWriter(tmp_path)
+    writer = tensorboard_writer.TensorBoardWriter(tmp_path)
     writer.write_scalars(5, {"loss": 1.5})
     writer.flush()
     assert [e.step for e in events(writer.path)][1:] == [5]  # readable before close
@@ -74,7 +74,7 @@ def test_local_file_appends_on_flush(tmp_path):
 def test_remote_path_rewritten_whole_on_flush(tmp_path, monkeypatch):
     """A bucket path (no appends): the writer buffers and rewrites the file; here 'gs://b/run' maps to a local folder."""
     monkeypatch.setattr(workdirs, "path", lambda d: epath.Path(tmp_path / str(d).split("://")[1]))
-    writer = tensorboard.TensorBoardWriter("gs://bucket/run")
+    writer = tensorboard_writer.TensorBoardWriter("gs://bucket/run")
     assert writer._file is None
     writer.write_scalars(0, scalars(0))
     writer.flush()
@@ -86,8 +86,8 @@ def test_remote_path_rewritten_whole_on_flush(tmp_path, monkeypatch):
 
 
 def test_crc32c_known_vector():
-    assert tensorboard.crc32c(b"123456789") == 0xE3069283
-    assert tensorboard.crc32c(b"") == 0
+    assert tensorboard_writer.crc32c(b"123456789") == 0xE3069283
+    assert tensorboard_writer.crc32c(b"") == 0
 
 
 def test_reader_rejects_a_flipped_byte(tmp_path):

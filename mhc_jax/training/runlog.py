@@ -10,7 +10,7 @@ from etils import epath
 from tqdm import tqdm
 
 from mhc_jax import workdirs
-from mhc_jax.training.tensorboard import TensorBoardWriter
+from mhc_jax.training.tensorboard_writer import TensorBoardWriter
 
 
 class RunLog:
