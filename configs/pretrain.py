@@ -102,6 +102,7 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     t.batch_size = batch_size  # global batch in sequences, over all processes and microbatches
     t.seq_len = seq_len  # tokens per sequence (the model sees seq_len, predicts the next seq_len)
     t.microbatches = 1  # gradient accumulation: the batch is split into this many sequential parts
+    t.loss_chunk = 1024  # positions whose logits the loss makes at once (recomputed in backward); 0: all
     t.lr = lr  # peak learning rate
     t.schedule = "step"  # 'step' (the paper's: x0.316 at 80%, x0.1 at 90% of steps), 'cosine' or 'wsd'
     t.warmup_steps = warmup_steps  # linear warmup, for every schedule

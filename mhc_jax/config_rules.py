@@ -32,7 +32,7 @@ FIELD_RULES = {
     "model.mhc.alpha_init": ANY, "model.mhc.res_init_scale": ANY, "model.mhc.phi_init_scale": NON_NEGATIVE,
     "model.mhc.sinkhorn_iters": SIZE, "model.mhc.coeff_dtype": Choice(residual.COEFF_DTYPES),
     "model.mhc.use_pre": FLAG, "model.mhc.use_post": FLAG, "model.mhc.use_res": FLAG,
-    "train.steps": SIZE, "train.batch_size": SIZE, "train.seq_len": SIZE, "train.microbatches": SIZE,
+    "train.steps": SIZE, "train.batch_size": SIZE, "train.seq_len": SIZE, "train.microbatches": SIZE, "train.loss_chunk": COUNT,
     "train.lr": POSITIVE, "train.schedule": Choice(optim.SCHEDULES), "train.warmup_steps": COUNT,
     "train.min_lr_ratio": FRACTION, "train.decay_fraction": Number(float, 0, 1, above=True),
     "train.weight_decay": NON_NEGATIVE, "train.b1": Number(float, 0, 1, below=True),

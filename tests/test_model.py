@@ -3,6 +3,7 @@ change the math (fast vs reference residual sites, scan vs unrolled layers, rema
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -84,3 +85,25 @@ def test_bfloat16_compute_keeps_float32_coefficients():
     assert logits.dtype == jnp.float32 and maps.res.dtype == jnp.float32
     np.testing.assert_allclose(maps.res.sum(-1), 1.0, atol=1e-6)
     assert bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_chunked_loss_is_the_full_loss(tied):
+    """model.loss.mean_cross_entropy in chunks of 12 of the 32 positions (the last chunk padded)
+    gives the whole-sequence loss of each sequence and its gradients, with a tied or untied head."""
+    model = make_model("mhc", {"tie_embeddings": tied})
+    randomize(model, scale=0.1)
+    graphdef, params = nnx.split(model)
+    tokens_BW = random_tokens(512, batch=3, length=33)
+
+    def loss_and_grads_in_chunks(chunk):
+        def mean_loss(params):
+            losses_B, _ = nnx.merge(graphdef, params).losses_and_router_stats(tokens_BW, chunk)
+            return losses_B.mean(), losses_B
+        return jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(params)
+
+    (_, whole_B), whole_grads = loss_and_grads_in_chunks(0)
+    (_, chunked_B), chunked_grads = loss_and_grads_in_chunks(12)
+    np.testing.assert_allclose(chunked_B, whole_B, rtol=1e-5)
+    for (path, g), (_, w) in zip(nnx.to_flat_state(chunked_grads), nnx.to_flat_state(whole_grads), strict=True):
+        assert relative_error(g[...], w[...]) < 1e-5, path

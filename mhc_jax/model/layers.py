@@ -62,7 +62,7 @@ class SwiGLU(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """Token embedding; `attend` is the tied unembedding."""
+    """Token embedding; with tied embeddings its table is also the head (Transformer.unembedding)."""
 
     def __init__(self, cfg, rngs: nnx.Rngs):
         C = cfg.d_model
@@ -70,6 +70,3 @@ class Embedding(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array, dtype) -> jax.Array:
         return self.table[...].astype(dtype)[tokens_BT]
-
-    def attend(self, h_BTC: jax.Array) -> jax.Array:
-        return h_BTC @ self.table[...].astype(h_BTC.dtype).T

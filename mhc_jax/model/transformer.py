@@ -19,6 +19,7 @@ the code base (docs/design.md):
   E routed experts             A experts per token (top_k)      G capacity (slots per expert)
   Y all experts' buffer slots (E x G, and one discard slot)
   P a coefficient projection's outputs (HC: n + 1, mHC: n^2 + 2n)
+  Q chunks of the sequence (the chunked loss)
   X a flattened axis (the axes it merges are named where it is made: n x C, T x A, B x T)
 """
 
@@ -32,6 +33,7 @@ from mhc_jax import sharding
 from mhc_jax.model import residual
 from mhc_jax.model.attention import LayerCache, cache_shapes, make_attention
 from mhc_jax.model.layers import Embedding, RMSNorm, SwiGLU, normal, param
+from mhc_jax.model.loss import mean_cross_entropy
 from mhc_jax.model.moe import MoE, RouterStats
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -145,28 +147,32 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Logits [B, T, V] in float32."""
-        return self.forward(tokens_BT, False, None)[0]
+        return self.logits(self.forward(tokens_BT, False, None)[0])
 
-    def logits_and_router_stats(self, tokens_BT: jax.Array) -> tuple[jax.Array, "RouterStats | None"]:
-        """Logits and the MoE layers' RouterStats stacked per layer ([L_moe, E], ...), or None."""
-        logits_BTV, _, router_stats, _ = self.forward(tokens_BT, False, None)
-        return logits_BTV, router_stats
+    def losses_and_router_stats(self, tokens_BW: jax.Array, chunk: int) -> tuple[jax.Array, "RouterStats | None"]:
+        """Mean next-token cross-entropy of each sequence [B] of a training window (loss.py: the logits
+        made `chunk` positions at a time), and the MoE layers' RouterStats stacked per layer
+        ([L_moe, E], ...), or None."""
+        x_BTNC, _, router_stats, _ = self.forward(tokens_BW[:, :-1], False, None)
+        losses_B = mean_cross_entropy(self.final_hidden(x_BTNC), self.unembedding(), tokens_BW[:, 1:], chunk)
+        return losses_B, router_stats
 
     def trace(self, tokens_BT: jax.Array) -> tuple[jax.Array, Trace]:
         """Logits and the Trace of all 2L sites stacked in order (site 2l is block l's attention,
         2l + 1 its FFN): maps [2L, B, T, ...], rms [2L]."""
-        logits_BTV, trace, _, _ = self.forward(tokens_BT, True, None)
-        return logits_BTV, trace
+        x_BTNC, trace, _, _ = self.forward(tokens_BT, True, None)
+        return self.logits(x_BTNC), trace
 
     def decode(self, tokens_BT: jax.Array, cache: "DecodeCache") -> tuple[jax.Array, "DecodeCache"]:
         """Logits of tokens that continue the cached ones (from slot cache.index on), and the cache
         extended by them."""
-        logits_BTV, _, _, stacks = self.forward(tokens_BT, False, cache)
-        return logits_BTV, DecodeCache(stacks, cache.start_B, cache.index + tokens_BT.shape[1])
+        x_BTNC, _, _, stacks = self.forward(tokens_BT, False, cache)
+        return self.logits(x_BTNC), DecodeCache(stacks, cache.start_B, cache.index + tokens_BT.shape[1])
 
     def forward(self, tokens_BT, return_trace: bool, cache: "DecodeCache | None"):
-        """The one forward pass behind __call__, logits_and_router_stats, trace and decode: logits,
-        the trace (if asked), the router statistics, the extended cache entries (if decoding)."""
+        """The one forward pass behind __call__, losses_and_router_stats, trace and decode: the stream
+        after the last block, the trace (if asked), the router statistics, the extended cache entries
+        (if decoding)."""
         x_BTNC = residual.expand(self.embed(tokens_BT, self.dtype), self.n_streams)
         traces, router_stats, stacks = [], None, []
         for index, blocks in enumerate(b for b in (self.blocks, self.moe_blocks) if b is not None):
@@ -177,7 +183,7 @@ class Transformer(nnx.Module):
             stacks.append(entries)
         trace = jax.tree.map(lambda *a: jnp.concatenate([x.reshape(-1, *x.shape[2:]) for x in a]), *traces) \
             if return_trace else None
-        return self.logits(x_BTNC), trace, router_stats, tuple(stacks)
+        return x_BTNC, trace, router_stats, tuple(stacks)
 
     def init_cache(self, start_B: jax.Array, slots: int) -> DecodeCache:
         """An empty cache of `slots` positions for rows whose real tokens start at `start_B`."""
@@ -186,13 +192,16 @@ class Transformer(nnx.Module):
                        for blocks in (self.blocks, self.moe_blocks) if blocks is not None)
         return DecodeCache(stacks, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
 
+    def final_hidden(self, x_BTNC: jax.Array) -> jax.Array:
+        return self.final_norm(residual.reduce(x_BTNC))
+
+    def unembedding(self) -> jax.Array:
+        """The head's weights [C, V]: the transposed embedding table when tied."""
+        return self.embed.table[...].T if self.unembed is None else self.unembed[...]
+
     def logits(self, x_BTNC: jax.Array) -> jax.Array:
-        h_BTC = self.final_norm(residual.reduce(x_BTNC))
-        if self.unembed is None:
-            logits_BTV = self.embed.attend(h_BTC)
-        else:
-            logits_BTV = h_BTC @ self.unembed[...].astype(h_BTC.dtype)
-        return logits_BTV.astype(jnp.float32)
+        h_BTC = self.final_hidden(x_BTNC)
+        return (h_BTC @ self.unembedding().astype(h_BTC.dtype)).astype(jnp.float32)
 
     def run_stack(self, blocks: Block, x_BTNC, return_trace: bool, layer_cache):
         """Every block of a stack in turn; also returns, stacked per layer, (the traces if

@@ -63,9 +63,8 @@ class Experiment:
 
     def loss_and_router_stats(self, params, tokens_BW):
         """The per-sequence losses and the MoE layers' RouterStats (None for a dense model)."""
-        logits_BTV, router_stats = nnx.merge(self.graphdef, params).logits_and_router_stats(tokens_BW[:, :-1])
-        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BW[:, 1:]).mean(axis=-1)
-        return losses_B, router_stats
+        model = nnx.merge(self.graphdef, params)
+        return model.losses_and_router_stats(tokens_BW, self.config.train.loss_chunk)
 
     def _init_state(self):
         model = Transformer(self.config.model, nnx.Rngs(self.config.train.seed))
