@@ -24,7 +24,7 @@ def define_choices(name: str, default: list[str], choices, help: str) -> flags.F
     holder = flags.DEFINE_list(name, default, f"{help}: any of {', '.join(choices)}")
 
     def check(values):
-        unknown = [value for value in values if value not in choices]
+        unknown = [value for value in values or () if value not in choices]
         if unknown:
             raise flags.ValidationError(f"unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
         return True

@@ -12,8 +12,10 @@ import pytest
 from helpers import corpus_documents
 from jax.sharding import NamedSharding, PartitionSpec
 
+from configs.pretrain import get_config
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
+from mhc_jax.pods import bench
 
 SEQ_LEN, BATCH = 32, 8
 
@@ -141,16 +143,31 @@ def test_bench_reports_every_variant_and_the_pipeline(dataset):
                             cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert set(report["variants"]) == {"residual", "mhc"} and report["devices"] == 8
+    assert set(report["contenders"]) == {"residual", "mhc"} and report["devices"] == 8
     assert report["mesh"]["fsdp"] == 8 and report["overrides"][0] == f"--config.data.dir={out}"
-    for timing in report["variants"].values():
+    for timing in report["contenders"].values():
         assert timing["tokens_per_sec"] == pytest.approx(8 * 32 / timing["step_seconds"], rel=0.01)
         assert timing["step_seconds_min"] <= timing["step_seconds"] <= timing["step_seconds_max"]
         assert 0 < timing["mfu"] and timing["memory_bytes"] > 0 and timing["compile_seconds"] > 0
         assert set(timing["compile_seconds_by_depth"]) == {"1"}
         profile = timing["profile"]
         assert sum(profile["by_source"].values()) == pytest.approx(profile["op_seconds"], rel=0.01, abs=1e-3)
-    assert any(source.startswith("residual.py:") for source in report["variants"]["mhc"]["profile"]["by_source"])
-    assert report["variants"]["residual"]["step_time_vs_residual"] == 1.0
-    fastest = max(timing["tokens_per_sec"] for timing in report["variants"].values())
+    assert any(source.startswith("residual.py:") for source in report["contenders"]["mhc"]["profile"]["by_source"])
+    assert report["baseline"] == "residual" and report["contenders"]["residual"]["step_time_vs_baseline"] == 1.0
+    fastest = max(timing["tokens_per_sec"] for timing in report["contenders"].values())
     assert report["data_over_fastest_step"] == pytest.approx(report["data_tokens_per_sec"] / fastest, rel=0.01)
+
+@pytest.mark.slow
+def test_bench_times_the_values_of_one_field(dataset):
+    """pods/bench.py with --vary's contenders, in-process: one entry per value, each step the field's."""
+    out, _ = dataset
+    config = get_config("mhc,debug")
+    config.data.dir, config.train.seq_len = str(out), 32
+    configs = bench.varied_configs(config, "train.seq_len=32,16")
+    assert [c.train.seq_len for c in configs.values()] == [32, 16]
+    report = bench.benchmark(configs, "train.seq_len=32", steps=1, depths=[], profile=False, data_batches=2)
+    assert list(report["contenders"]) == ["train.seq_len=32", "train.seq_len=16"]
+    for name, timing in report["contenders"].items():
+        tokens = 8 * configs[name].train.seq_len
+        assert timing["tokens_per_sec"] == pytest.approx(tokens / timing["step_seconds"], rel=0.01)
+    assert report["contenders"]["train.seq_len=32"]["step_time_vs_baseline"] == 1.0

@@ -20,7 +20,8 @@ from helpers import ROOT, assert_user_error, xla_flags
 
 from configs.pretrain import get_config
 from mhc_jax import plots, workdirs
-from mhc_jax.pods import aot, compare, launchers, sweep, topology
+from mhc_jax.errors import UserError
+from mhc_jax.pods import aot, bench, compare, launchers, sweep, topology
 from mhc_jax.training import checkpoint, runlog
 
 
@@ -236,3 +237,15 @@ def test_a_bucket_workdir_is_never_made_local(bucket, monkeypatch):
     plots.plot_run(str(workdir))
     assert (stored / "run.png").stat().st_size > 1000
     assert not Path("gs:").exists() and not Path(tempfile.gettempdir(), "gs:").exists()
+
+
+def test_bench_vary_parses_values_as_the_fields_type_and_validates_them():
+    config = get_config("mhc,debug")
+    configs = bench.varied_configs(config, "model.mhc.use_res=true,False")
+    assert [c.model.mhc.use_res for c in configs.values()] == [True, False]
+    assert [c.train.loss_chunk for c in bench.varied_configs(config, "train.loss_chunk=0,256").values()] == [0, 256]
+    for vary, message in (("train.loss_chunk", "expected FIELD=A,B"), ("train.nope=1,2", "no config field 'train.nope'"),
+                          ("train.loss_chunk=8,x", "'x' is not a int"), ("train.loss_chunk=8,-1", "train.loss_chunk: got -1"),
+                          ("model.mhc.use_res=yes", "'yes' is not a bool")):
+        with pytest.raises(UserError, match=message):
+            bench.varied_configs(config, vary)

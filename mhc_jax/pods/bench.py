@@ -1,12 +1,13 @@
-"""Benchmarks of the train step of a config and of its variants (scripts/bench.py prints the report).
+"""Benchmarks of the train step of configs that differ in one thing (scripts/bench.py prints the report).
 
 The real train step (Experiment: forward, backward, AdamW, on all local devices with the
-config's mesh) on a batch from the data pipeline. `--variants` swaps only the residual connection
-(residual.set_variant; hc and mhc keep an overridden model.n_streams). The variants'
-steps are timed interleaved, one step of each in turn, so that machine noise hits them alike;
-per variant:
-  step_seconds (median of --steps) with step_seconds_min and _max; step_time_vs_residual, the
-  median over rounds of the ratio within a round; tokens_per_sec; mfu (FLOPs per token as in
+config's mesh) on a batch from the data pipeline. The contenders are the config's variants
+(`--variants` swaps only the residual connection: residual.set_variant; hc and mhc keep an
+overridden model.n_streams) or the values of one field (`--vary=FIELD=A,B`). Their steps are
+timed interleaved, one step of each in turn, so that machine noise hits them alike; per contender:
+  step_seconds (median of --steps) with step_seconds_min and _max; step_time_vs_baseline, the
+  median over rounds of the ratio within a round to the baseline (residual among variants, else
+  the first contender); tokens_per_sec; mfu (FLOPs per token as in
   mhc_jax/training/flops.py, against peak_flops: the device's published bf16 peak, log.peak_tflops, or on
   CPU a measured float32 matmul peak, as peak_source says); compile_seconds (lower + compile);
   memory_bytes from XLA's memory analysis of the compiled step (arguments + temporaries + outputs
@@ -18,6 +19,7 @@ per variant:
 And the data pipeline: data_tokens_per_sec and how many times the fastest step it outruns.
 """
 
+import functools
 import resource
 import statistics
 import time
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 from mhc_jax import config_rules, sharding
 from mhc_jax.data import pipeline
+from mhc_jax.errors import UserError
 from mhc_jax.model import residual
 from mhc_jax.training import flops, op_profile, trainer
 from mhc_jax.training.experiment import Experiment
@@ -35,8 +38,9 @@ from mhc_jax.training.experiment import Experiment
 class Contender:
     """One variant's compiled step, state and batch."""
 
-    def __init__(self, config, tokens_per_step: int, peak: float):
+    def __init__(self, config, peak: float):
         self.config = config
+        self.tokens_per_step = config.train.batch_size * config.train.seq_len
         mesh = sharding.make_mesh(config.mesh)
         trainer.check_mesh(config, mesh)
         self.experiment = Experiment(config, mesh)
@@ -46,7 +50,7 @@ class Contender:
         self.tokens = self.experiment.global_batch(batches[0])["tokens"]
         self.state = self.experiment.init_state()
         self.compiled, self.compile_seconds = compile_step(self.experiment, self.tokens)
-        self.flops_per_step = flops.train_flops_per_token(config.model, config.train.seq_len) * tokens_per_step
+        self.flops_per_step = flops.train_flops_per_token(config.model, config.train.seq_len) * self.tokens_per_step
         self.peak, self.seconds, self.page_faults, self.kernel_seconds = peak, [], [], []
 
     def step(self) -> float:
@@ -65,12 +69,12 @@ class Contender:
         self.kernel_seconds.append(after.ru_stime - before.ru_stime)
         return seconds
 
-    def report(self, tokens_per_step: int) -> dict:
+    def report(self) -> dict:
         memory = self.compiled.memory_analysis()
         seconds = statistics.median(self.seconds)
         return {"step_seconds": round(seconds, 4), "step_seconds_min": round(min(self.seconds), 4),
                 "step_seconds_max": round(max(self.seconds), 4),
-                "tokens_per_sec": round(tokens_per_step / seconds, 1),
+                "tokens_per_sec": round(self.tokens_per_step / seconds, 1),
                 "mfu": round(self.flops_per_step / seconds / (self.peak * jax.device_count()), 4),
                 "compile_seconds": round(self.compile_seconds, 2),
                 "host_page_faults_per_step": int(statistics.median(self.page_faults)),
@@ -97,6 +101,40 @@ def variant_configs(config, variants: list[str]) -> dict:
             candidate.model.n_streams = n_streams
         config_rules.validate(candidate)
         configs[variant] = candidate
+    return configs
+
+
+def parse_like(default, text: str):
+    """`text` as a value of the type of `default` (bools: true/false)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false"):
+            raise ValueError(text)
+        return text.lower() == "true"
+    return type(default)(text)
+
+
+def varied_configs(config, vary: str) -> dict:
+    """FIELD=A,B,...: `config` with the field set to each value (parsed as the type of the field's
+    default), each validated like train.py's."""
+    field, _, values = vary.partition("=")
+    if not (field and values):
+        raise UserError(f"--vary: expected FIELD=A,B, e.g. --vary=train.loss_chunk=0,256; got {vary!r}")
+    *parents, name = field.split(".")
+    try:
+        owner = functools.reduce(getattr, parents, config)
+        default = owner[name]
+    except (AttributeError, KeyError):
+        raise UserError(f"--vary: no config field {field!r} (see configs/pretrain.py for the fields)") from None
+    configs = {}
+    for value in values.split(","):
+        candidate = config.copy_and_resolve_references()
+        target = functools.reduce(getattr, parents, candidate)
+        try:
+            target[name] = parse_like(default, value)
+        except ValueError:
+            raise UserError(f"--vary: {field}={value!r} is not a {type(default).__name__}") from None
+        config_rules.validate(candidate)
+        configs[f"{field}={value}"] = candidate
     return configs
 
 
@@ -138,28 +176,25 @@ def data_tokens_per_sec(config, count: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def benchmark(config, variants: list[str], steps: int, depths: list[int], profile: bool, data_batches: int) -> dict:
-    """Times `config`'s train step for each of `variants`, interleaved: one step of each in turn,
-    `steps` rounds after an untimed one. The report is described in this module's docstring."""
-    configs = variant_configs(config, variants)
+def benchmark(configs: dict, baseline: str, steps: int, depths: list[int], profile: bool, data_batches: int) -> dict:
+    """Times the train step of each of `configs` ({name: config}), interleaved: one step of each in
+    turn, `steps` rounds after an untimed one. The report is described in this module's docstring."""
+    config = configs[baseline]
     t = config.train
-    tokens_per_step = t.batch_size * t.seq_len
     peak, peak_source = flops.peak_flops_per_device(config.log), "published peak of the device (or log.peak_tflops)"
     if not peak:
         peak, peak_source = measured_peak_flops()
-    contenders = {variant: Contender(c, tokens_per_step, peak) for variant, c in configs.items()}
+    contenders = {name: Contender(c, peak) for name, c in configs.items()}
     for contender in contenders.values():
         contender.step()  # the first call of a compiled step pays for buffer allocation
     ratios = {variant: [] for variant in contenders}
     for _ in range(steps):
         round_seconds = {variant: contender.timed_step() for variant, contender in contenders.items()}
         for variant, seconds in round_seconds.items():
-            if "residual" in round_seconds:
-                ratios[variant].append(seconds / round_seconds["residual"])
-    results = {variant: contender.report(tokens_per_step) for variant, contender in contenders.items()}
+            ratios[variant].append(seconds / round_seconds[baseline])
+    results = {variant: contender.report() for variant, contender in contenders.items()}
     for variant, result in results.items():
-        if ratios[variant]:
-            result["step_time_vs_residual"] = round(statistics.median(ratios[variant]), 3)
+        result["step_time_vs_baseline"] = round(statistics.median(ratios[variant]), 3)
         if depths:
             result["compile_seconds_by_depth"] = depth_compile_seconds(configs[variant], depths)
         if profile:
@@ -173,5 +208,5 @@ def benchmark(config, variants: list[str], steps: int, depths: list[int], profil
             "dtype": config.model.dtype, "seq_len": t.seq_len, "batch_size": t.batch_size, "steps": steps,
             "peak_flops": round(peak), "peak_source": peak_source,
             "memory_source": "XLA memory analysis of the compiled step",
-            "device_peak_bytes": stats.get("peak_bytes_in_use"), "variants": results,
+            "device_peak_bytes": stats.get("peak_bytes_in_use"), "baseline": baseline, "contenders": results,
             "data_tokens_per_sec": round(data_rate), "data_over_fastest_step": round(data_rate / fastest, 1)}
