@@ -54,6 +54,7 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     m.n_kv_heads = shape["n_kv_heads"]  # 'mha' key/value heads (< n_heads is grouped-query attention)
     m.d_ff = shape["d_ff"]  # hidden width of the dense SwiGLU MLPs (all layers, or the leading dense ones)
     m.attention = shape["attention"]  # 'mha' (multi-head/grouped-query) or 'mla' (multi-head latent attention)
+    m.attention_kernel = "auto"  # 'xla' (the reference: float32 [B, H, T, T] scores), 'blockwise' (flash, in JAX), 'cudnn' (GPU) or 'splash' (TPU); 'auto' picks by platform
     m.tie_embeddings = shape["tie_embeddings"]  # unembed with the transposed embedding table
     m.rope_theta = 10_000.0  # RoPE base (the paper's Table 5)
     m.norm_eps = 1e-6  # RMSNorm epsilon, everywhere in the model
@@ -76,7 +77,8 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     moe.d_expert = moe_shape["d_expert"]  # hidden width of each expert's SwiGLU
     moe.first_dense_layers = moe_shape["first_dense_layers"]  # leading layers with a dense MLP of width d_ff
     moe.routed_scale = 1.0  # multiplies the renormalized gates of the routed experts (V3's routed scaling factor)
-    moe.capacity_factor = 1.25  # per-sequence expert capacity ceil(f * T * top_k / n_experts); <= 0: dropless
+    moe.dispatch = "dropless"  # 'dropless' (every assignment, sorted by expert into grouped matmuls) or 'capacity' (per-sequence capacity, drops the rest)
+    moe.capacity_factor = 1.25  # dispatch='capacity' only: per-sequence expert capacity ceil(f * T * top_k / n_experts); <= 0: capacity T
     moe.bias_update_rate = 1e-3  # gamma: after each step bias_i += gamma * sign(mean load - load_i) (V3: 0.001)
     moe.balance_loss_weight = 0.0  # weight of V3's complementary sequence-wise balance loss; 0: off
 

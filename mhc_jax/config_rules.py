@@ -8,7 +8,7 @@ without a rule fails tests/test_configs.py, which tries a bad value of every fie
 import ml_collections
 
 from mhc_jax import validation
-from mhc_jax.model import attention, residual, transformer
+from mhc_jax.model import attention, attention_kernels, moe, residual, transformer
 from mhc_jax.training import optim
 from mhc_jax.validation import FLAG, Choice, Number, Relation, Text
 
@@ -21,12 +21,14 @@ FIELD_RULES = {
     "model.residual": Choice(tuple(residual.SITES)), "model.n_streams": SIZE,
     "model.vocab_size": SIZE, "model.d_model": SIZE, "model.n_layers": SIZE, "model.n_heads": SIZE,
     "model.n_kv_heads": SIZE, "model.d_ff": SIZE, "model.attention": Choice(attention.KINDS),
+    "model.attention_kernel": Choice(attention_kernels.KERNELS),
     "model.tie_embeddings": FLAG, "model.rope_theta": POSITIVE, "model.norm_eps": POSITIVE,
     "model.dtype": Choice(transformer.DTYPES), "model.scan_layers": FLAG, "model.remat": Choice(tuple(transformer.REMAT_POLICIES)),
     "model.site_impl": Choice(residual.IMPLEMENTATIONS),
     "model.mla.kv_rank": SIZE, "model.mla.rope_dim": SIZE, "model.mla.head_dim": SIZE,
     "model.moe.n_experts": COUNT, "model.moe.top_k": COUNT, "model.moe.n_shared": COUNT, "model.moe.d_expert": COUNT,
     "model.moe.first_dense_layers": COUNT, "model.moe.routed_scale": POSITIVE, "model.moe.capacity_factor": ANY,
+    "model.moe.dispatch": Choice(moe.DISPATCHES),
     "model.moe.bias_update_rate": NON_NEGATIVE, "model.moe.balance_loss_weight": NON_NEGATIVE,
     "model.hc.dynamic": FLAG, "model.hc.use_tanh": FLAG, "model.hc.scale_init": ANY, "model.hc.out_proj_scale": POSITIVE,
     "model.mhc.alpha_init": ANY, "model.mhc.res_init_scale": ANY, "model.mhc.phi_init_scale": NON_NEGATIVE,
@@ -57,6 +59,9 @@ RELATIONS = (
              "must divide model.n_heads = {c.model.n_heads}"),
     Relation("model.mla.rope_dim", lambda c: c.model.attention != "mla" or c.model.mla.rope_dim % 2 == 0,
              "must be even for RoPE"),
+    Relation("model.attention_kernel", lambda c: c.model.attention_kernel != "cudnn" or
+             c.model.dtype in ("auto", "bfloat16", "float16"),
+             "'cudnn' computes in bfloat16 or float16; set model.dtype to one of them (or 'auto'), or use 'blockwise'"),
     Relation("model.moe.top_k", lambda c: not c.model.moe.n_experts or 1 <= c.model.moe.top_k <= c.model.moe.n_experts,
              "must be between 1 and model.moe.n_experts = {c.model.moe.n_experts}"),
     Relation("model.moe.d_expert", lambda c: not c.model.moe.n_experts or c.model.moe.d_expert >= 1,
@@ -64,6 +69,9 @@ RELATIONS = (
     Relation("model.moe.first_dense_layers",
              lambda c: not c.model.moe.n_experts or c.model.moe.first_dense_layers < c.model.n_layers,
              "must be < model.n_layers = {c.model.n_layers} in an MoE model (n_experts = 0 makes it dense)"),
+    Relation("mesh.expert", lambda c: not c.model.moe.n_experts or c.mesh.expert == -1
+             or c.model.moe.n_experts % c.mesh.expert == 0,
+             "must divide model.moe.n_experts = {c.model.moe.n_experts} (each device holds n_experts / expert experts)"),
     Relation("train.stop_at_step", lambda c: c.train.stop_at_step <= c.train.steps,
              "must be <= train.steps = {c.train.steps} (0: run to train.steps)"),
     Relation("train.microbatches", lambda c: c.train.batch_size % c.train.microbatches == 0,

@@ -1,5 +1,7 @@
-"""Does a config fit a slice? Compiles the real train step ahead of time for hardware this machine
-does not have and prints what each device needs.
+"""Does a config fit a slice? Compiles every step a run executes (train, eval, diagnostics) ahead of
+time for hardware this machine does not have and prints what each device needs in each step, the
+temporaries by source (saved activations, attention, MoE dispatch, logits/loss, ...); it fits only
+if every step fits.
 
     python scripts/dry_run.py --config=configs/pretrain.py:mhc,27b --topology=v5p-256 [--config.a.b=v ...]
                               [--mfu=0.4] [--suggest] [--json]

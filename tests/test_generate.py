@@ -47,7 +47,7 @@ def test_cached_decoding_repeats_full_recomputation(variant, tokenizer):
 
 
 def test_latent_attention_decoding_repeats_full_recomputation(variant, tokenizer):
-    model = make_model(variant, {"vocab_size": 400, "moe.capacity_factor": 0.0}, scale="moe_debug")
+    model = make_model(variant, {"vocab_size": 400}, scale="moe_debug")
     decode = generator(model, tokenizer)
     outputs = decode.generate(PROMPTS, until=[], max_new_tokens=12)
     assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
@@ -55,6 +55,15 @@ def test_latent_attention_decoding_repeats_full_recomputation(variant, tokenizer
     cache = model.init_cache(jnp.zeros((2,), jnp.int32), slots=32)
     assert [tuple(a.shape) for stack in cache.stacks for a in stack] == [
         (1, 2, 32, 32), (1, 2, 32, 8), (2, 2, 32, 32), (2, 2, 32, 8)]  # [layers, B, slots, kv_rank | rope_dim]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", ("debug", "moe_debug"))
+def test_decoding_through_the_blockwise_kernel_repeats_full_recomputation(scale, tokenizer):
+    model = make_model("mhc", {"vocab_size": 400, "attention_kernel": "blockwise"},
+                       scale=scale)
+    outputs = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=12)
+    assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
 
 
 def test_batches_of_any_size_give_the_same_text(tokenizer):

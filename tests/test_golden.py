@@ -1,5 +1,6 @@
 """Golden numbers: the loss and gradient norm of the first three training steps of every variant at
-the debug scale (and mHC at moe_debug), on a fixed batch, against tests/expected/golden_steps.json.
+the debug scale (and mHC at moe_debug, with each MoE dispatch), on a fixed batch, against
+tests/expected/golden_steps.json.
 
 Any change to the model, the residual connections, the optimizer or the step moves them. They were
 written by this test (`MHC_WRITE_GOLDEN=1 pytest tests/test_golden.py`); rewrite them only for a
@@ -20,13 +21,17 @@ from mhc_jax.model.residual import VARIANTS
 from mhc_jax.training.experiment import Experiment
 
 GOLDEN = Path(__file__).parent / "expected" / "golden_steps.json"
-CASES = [f"{variant},debug" for variant in VARIANTS] + ["mhc,moe_debug"]
+# The case's name (its key in the file) -> dotted config overrides. "mhc,moe_debug" pins the capacity
+# dispatch, the default before dropless: its numbers predate the dropless dispatch.
+CASES = {**{f"{variant},debug": {} for variant in VARIANTS}, "mhc,moe_debug": {"model.moe.dispatch": "capacity"},
+         "mhc,moe_debug,dropless": {"model.moe.dispatch": "dropless"}}
 STEPS = 3
 RTOL = 1e-4
 
 
-def first_steps(spec: str) -> dict:
-    config = get_config(spec)
+def first_steps(case: str) -> dict:
+    config = get_config(",".join(case.split(",")[:2]))
+    config.update_from_flattened_dict(CASES[case])
     config.train.warmup_steps = 0  # full learning rate from the first update: the steps move the parameters
     experiment = Experiment(config, sharding.make_mesh(config.mesh))
     t = config.train
@@ -40,14 +45,14 @@ def first_steps(spec: str) -> dict:
     return steps
 
 
-@pytest.mark.parametrize("spec", CASES)
-def test_first_steps_match_the_golden_numbers(spec):
-    steps = first_steps(spec)
+@pytest.mark.parametrize("case", CASES)
+def test_first_steps_match_the_golden_numbers(case):
+    steps = first_steps(case)
     if os.environ.get("MHC_WRITE_GOLDEN"):
         golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-        GOLDEN.write_text(json.dumps({**golden, spec: steps}, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps({**golden, case: steps}, indent=1, sort_keys=True) + "\n")
         pytest.skip("wrote the golden numbers")
-    expected = json.loads(GOLDEN.read_text())[spec]
+    expected = json.loads(GOLDEN.read_text())[case]
     for key, values in expected.items():
-        np.testing.assert_allclose(steps[key], values, rtol=RTOL, err_msg=f"{spec} {key}")
+        np.testing.assert_allclose(steps[key], values, rtol=RTOL, err_msg=f"{case} {key}")
     assert steps["loss"][-1] < steps["loss"][0], "the updates should lower the loss on the batch they fit"

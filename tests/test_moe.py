@@ -1,12 +1,20 @@
-"""DeepSeekMoE: V3 routing against a per-token transcription, capacity drops, the balancing bias,
-and expert parallelism (8 CPU devices with expert = 4 and 8 against one device, every variant).
-The parallel run's train.py end to end (resume, SIGTERM, eval.py) is in test_trainer.py."""
+"""DeepSeekMoE: V3 routing against a per-token transcription (both dispatches), capacity drops,
+dropless dispatch against capacity without drops and a gradient without scatter, the balancing bias,
+and expert parallelism against one device (8 CPU devices: the model with expert = 4 for every
+variant and data = expert = tensor = 2; the layer alone with expert = 4, 8 and tensor = 2). The
+parallel run's train.py end to end (resume, SIGTERM, eval.py) is in test_trainer_moe.py."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_user_error, relative_error
 
 from configs.pretrain import get_config
 from mhc_jax import sharding
@@ -39,16 +47,22 @@ def reference_moe(layer: moe.MoE, x_TC: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def test_dropless_routing_matches_a_per_token_transcription():
-    layer = moe.MoE(moe_config(capacity_factor=0.0, routed_scale=2.5), out_std=1.0, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("dispatch, capacity_factor", [("dropless", 1.25), ("capacity", 0.0)])
+def test_dropless_routing_matches_a_per_token_transcription(dispatch, capacity_factor):
+    """Every token through its top-k experts: the dropless dispatch (which ignores capacity_factor),
+    and the capacity dispatch with capacity T."""
+    layer = moe.MoE(moe_config(dispatch=dispatch, capacity_factor=capacity_factor, routed_scale=2.5), out_std=1.0,
+                    rngs=nnx.Rngs(0))
     layer.router_bias[...] = jnp.linspace(-0.3, 0.3, 8)  # the bias changes which experts are chosen
     x_BTC = jax.random.normal(jax.random.PRNGKey(1), (2, 12, 64))
-    y_BTC, stats = layer(x_BTC)
+    graphdef, _ = nnx.split(layer)
+    forward = jax.jit(lambda state, x_BTC: nnx.merge(graphdef, state)(x_BTC))
+    y_BTC, stats = forward(nnx.state(layer), x_BTC)
     for b in range(2):
         np.testing.assert_allclose(y_BTC[b], reference_moe(layer, np.asarray(x_BTC[b])), rtol=2e-4, atol=2e-5)
     assert float(stats.dropped) == 0 and float(stats.load.sum()) == 2 * 12 * 2
     layer.router_bias[...] = jnp.zeros(8).at[3].set(100.0)  # a bias this large puts expert 3 in every top-k
-    assert float(layer(x_BTC)[1].load[3]) == 2 * 12
+    assert float(forward(nnx.state(layer), x_BTC)[1].load[3]) == 2 * 12
 
 
 def test_sequence_balance_loss_is_v3s_formula():
@@ -67,8 +81,66 @@ def test_sequence_balance_loss_is_v3s_formula():
     assert float(stats.balance_loss) == pytest.approx(np.mean(expected), rel=1e-5)
 
 
+def layer_loss_and_grads(layer: moe.MoE, x_BTC: jax.Array):
+    """A scalar of the layer's output and router statistics with (output, statistics), its gradients
+    (parameters, input), and the compiled text of the gradient."""
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, x_BTC):
+        y_BTC, stats = nnx.merge(graphdef, state)(x_BTC)
+        return jnp.sum(jnp.sin(y_BTC)) + stats.balance_loss, (y_BTC, stats)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    compiled = grad_fn.lower(state, x_BTC).compile()
+    return *compiled(state, x_BTC), compiled.as_text()
+
+
+@pytest.fixture(scope="module")
+def without_drops():
+    """Each dispatch's layer_loss_and_grads with capacity_factor = E / k, which makes the capacity T."""
+    x_BTC = jax.random.normal(jax.random.PRNGKey(2), (3, 16, 64))
+    results = {}
+    for dispatch in moe.DISPATCHES:
+        layer = moe.MoE(moe_config(dispatch=dispatch, capacity_factor=4.0), out_std=1.0, rngs=nnx.Rngs(0))
+        layer.router_bias[...] = jnp.linspace(-0.2, 0.2, 8)
+        results[dispatch] = layer_loss_and_grads(layer, x_BTC)
+    return results
+
+
+def test_capacity_that_drops_nothing_equals_dropless_in_values_and_gradients(without_drops):
+    """Both dispatches compute the same sum; only the order of additions in the weight gradients differs."""
+    ((loss, (y, stats)), grads, _), ((loss_capacity, (y_capacity, stats_capacity)), grads_capacity, _) = (
+        without_drops["dropless"], without_drops["capacity"])
+    for s in (stats, stats_capacity):
+        assert float(s.dropped) == 0 and float(s.load.sum()) == 3 * 16 * 2
+    np.testing.assert_allclose(y, y_capacity, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(stats.load, stats_capacity.load)
+    assert float(stats.balance_loss) == pytest.approx(float(stats_capacity.balance_loss), rel=1e-6)
+    assert float(loss) == pytest.approx(float(loss_capacity), rel=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(grads_capacity)):
+        if np.any(b):  # the router bias only selects: its gradient is 0 in both
+            assert relative_error(a, b) < 1e-6, jax.tree_util.keystr(path)
+
+
+def test_the_dropless_gradient_gathers_and_never_scatters(without_drops):
+    """The sort and unsort are gathers whose backward gathers with the inverse permutation, and the
+    gates are read without take_along_axis (whose transpose scatter-adds): no scatter in the compiled
+    gradient of the dropless layer; the capacity dispatch, for contrast, scatters."""
+    dropless, capacity = without_drops["dropless"][2], without_drops["capacity"][2]
+    assert hlo_ops(dropless, "scatter") == 0 and hlo_ops(dropless, "gather") > 0
+    assert hlo_ops(capacity, "scatter") > 0
+
+
+IN_MOE_SHARD_MAP = r"moe\)*/shard_map/"  # an op_name under the MoE's scope and its shard_map (jvp(moe)/... too)
+
+
+def hlo_ops(hlo: str, opcode: str, scope: str = "") -> int:
+    """Instructions with this opcode in compiled HLO text (whose line matches the regex `scope`)."""
+    return sum(bool(re.search(rf"= \S+ {opcode}\(", line) and re.search(scope, line)) for line in hlo.splitlines())
+
+
 def test_capacity_drops_the_latest_tokens_of_an_overloaded_expert():
-    layer = moe.MoE(moe_config(capacity_factor=1.0), out_std=1.0, rngs=nnx.Rngs(0))
+    layer = moe.MoE(moe_config(dispatch="capacity", capacity_factor=1.0), out_std=1.0, rngs=nnx.Rngs(0))
     layer.router_bias[...] = jnp.zeros(8).at[jnp.array([0, 1])].set(100.0)  # every token picks experts 0, 1
     x_BTC = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 64))
     capacity = moe.capacity(layer.config, 16)  # ceil(1.0 * 16 * 2 / 8) = 4
@@ -85,7 +157,7 @@ def test_the_bias_update_moves_load_from_overloaded_experts():
     bias, and the busiest expert's load over the mean falls until it hovers near balance."""
     config = get_config("mhc,moe_debug")
     config.train.update(lr=0.0, steps=10)
-    config.model.moe.update(bias_update_rate=0.05, capacity_factor=0.0, balance_loss_weight=1e-4)
+    config.model.moe.update(bias_update_rate=0.05, balance_loss_weight=1e-4)
     experiment = Experiment(config, mesh_of((1, 1, 1, 1)))
     state = experiment.init_state()
     router = state["params"]["moe_blocks"]["mlp"]["router"]
@@ -115,31 +187,83 @@ def mesh_of(sizes):
     return jax.make_mesh(sizes, sharding.MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
+@pytest.mark.parametrize("sizes, batch, gathered", [((1, 2, 4, 1), 8, True), ((1, 1, 8, 1), 8, True),
+                                                    ((1, 2, 4, 1), 3, False), ((1, 1, 4, 2), 4, True)])
+def test_a_dropless_layer_on_a_mesh_computes_what_it_does_on_one_device(sizes, batch, gathered):
+    """The layer alone, its output and input gradient: tokens gathered over the expert group and
+    reduce-scattered back (the batch splits over fsdp x expert: one reduce-scatter forward, two
+    backward for the tokens and gates), also with one expert and one sequence per device; every
+    device holding every token and a psum over `expert` (batch 3 splits over nothing); and the
+    expert width split over `tensor`."""
+    layer = moe.MoE(moe_config(), out_std=1.0, rngs=nnx.Rngs(0))
+    layer.router_bias[...] = jnp.linspace(-0.2, 0.2, 8)
+    graphdef, state = nnx.split(layer)
+    x_BTC = jax.random.normal(jax.random.PRNGKey(4), (batch, 16, 64))
+
+    def output_and_input_gradient(state, x_BTC):
+        def total(x_BTC):
+            y_BTC, _ = nnx.merge(graphdef, state)(x_BTC)
+            return jnp.sum(jnp.sin(y_BTC)), y_BTC
+        return jax.grad(total, has_aux=True)(x_BTC)[::-1]
+
+    expected = jax.jit(output_and_input_gradient)(state, x_BTC)
+    with jax.set_mesh(mesh_of(sizes)):
+        step = jax.jit(output_and_input_gradient)
+        hlo = step.lower(state, x_BTC).compile().as_text()
+        results = step(state, x_BTC)
+    assert hlo_ops(hlo, "reduce-scatter", IN_MOE_SHARD_MAP) == (3 if gathered else 0)
+    for result, reference in zip(results, expected):
+        np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-5)
+
+
+# Meshes (data x fsdp x expert x tensor) beside one device: expert = 4 (x fsdp = 2) for every variant;
+# for mhc also data = expert = tensor = 2 (expert = 8: the layer alone, above).
+EXPERT_MESHES = {"mhc": ((1, 2, 4, 1), (2, 1, 2, 2))}
+
+
+def loss_and_grads_on(config, sizes, params, tokens):
+    """The mean loss and its gradients on a mesh of these sizes, and the compiled text."""
+    experiment = Experiment(config, mesh_of(sizes))
+    expert_weights = experiment.param_shardings["moe_blocks"]["mlp"]["w_up"]  # [layers, experts, embed, mlp]
+    assert expert_weights.spec[1] == ("expert" if sizes[2] > 1 else None)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, t: experiment.loss(p, t).mean()),
+                      in_shardings=(experiment.param_shardings, experiment.batch_sharding))
+    with jax.set_mesh(experiment.mesh):
+        params = jax.device_put(params, experiment.param_shardings)
+        compiled = grad_fn.lower(params, tokens).compile()
+        return *jax.device_get(compiled(params, tokens)), compiled.as_text()
+
+
 @pytest.mark.slow
-def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device():
-    """The same parameters and batch on one device and on 8 with expert = 4 (x fsdp = 2) and = 8. The
-    expert dispatch sees [B, T, C] whatever the residual connection; mhc's four streams stand for all."""
-    config = get_config("mhc,moe_debug")
+def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device(variant):
+    """The same parameters and batch on one device and on 8. Gradients: the whole gradient, and every
+    leaf above a thousandth of its norm, within 1e-5 relative (the leaves below, HC's static_alpha_m,
+    are float cancellation, tiny on any mesh). Dropless expert parallelism all-gathers the tokens and
+    reduce-scatters the outputs over `expert`, with no all-to-all."""
     tokens = np.random.default_rng(0).integers(0, 512, (8, 65), dtype=np.int32)
+    config = get_config(f"{variant},moe_debug")
+    assert config.model.moe.dispatch == "dropless"
     params = jax.device_get(Experiment(config, mesh_of((1, 1, 1, 1))).init_state()["params"])
-    results = []
-    for sizes in ((1, 1, 1, 1), (1, 2, 4, 1), (1, 1, 8, 1)):
-        experiment = Experiment(config, mesh_of(sizes))
-        expert_weights = experiment.param_shardings["moe_blocks"]["mlp"]["w_up"]  # [layers, experts, embed, mlp]
-        assert expert_weights.spec[1] == ("expert" if sizes[2] > 1 else None)
-        grad_fn = jax.jit(jax.value_and_grad(lambda p, t: experiment.loss(p, t).mean()),
-                          in_shardings=(experiment.param_shardings, experiment.batch_sharding))
-        with jax.set_mesh(experiment.mesh):
-            results.append(jax.device_get(grad_fn(jax.device_put(params, experiment.param_shardings), tokens)))
-    (loss, grads), sharded = results[0], results[1:]
-    for sharded_loss, sharded_grads in sharded:
-        assert float(sharded_loss) == pytest.approx(float(loss), rel=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-6), sharded_grads, grads)
+    loss, grads, _ = loss_and_grads_on(config, (1, 1, 1, 1), params, tokens)
+    norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
+    for sizes in EXPERT_MESHES.get(variant, ((1, 2, 4, 1),)):
+        sharded_loss, sharded_grads, hlo = loss_and_grads_on(config, sizes, params, tokens)
+        assert float(sharded_loss) == pytest.approx(float(loss), rel=1e-5), sizes
+        errors = [np.linalg.norm(a - b) for a, b in zip(jax.tree.leaves(sharded_grads), jax.tree.leaves(grads))]
+        assert np.sqrt(np.sum(np.square(errors))) < 1e-5 * norm, sizes
+        for (path, b), error in zip(jax.tree_util.tree_flatten_with_path(grads)[0], errors):
+            if np.linalg.norm(b) > 1e-3 * norm:
+                assert error < 1e-5 * np.linalg.norm(b), (sizes, jax.tree_util.keystr(path))
+        assert hlo_ops(hlo, "all-gather", IN_MOE_SHARD_MAP) > 0, sizes
+        assert hlo_ops(hlo, "reduce-scatter", IN_MOE_SHARD_MAP) > 0, sizes
+        assert hlo_ops(hlo, "all-to-all") == 0, sizes
 
 
 def dispatch_all_to_alls(mesh_sizes) -> int:
-    """All-to-all ops of the dispatch's token gather in the compiled train step of moe_debug."""
-    experiment = Experiment(get_config("mhc,moe_debug"), mesh_of(mesh_sizes))
+    """All-to-all ops of the capacity dispatch's token gather in the compiled train step of moe_debug."""
+    config = get_config("mhc,moe_debug")
+    config.model.moe.dispatch = "capacity"
+    experiment = Experiment(config, mesh_of(mesh_sizes))
     tokens = jax.ShapeDtypeStruct((8, 65), jnp.int32, sharding=experiment.batch_sharding)
     hlo = experiment.train_step.lower(experiment.abstract_state, tokens).compile().as_text()
     return sum(" all-to-all(" in line and "take_along_axis" in line for line in hlo.splitlines())
@@ -149,6 +273,17 @@ def dispatch_all_to_alls(mesh_sizes) -> int:
 def test_tokens_reach_their_experts_by_all_to_all():
     assert dispatch_all_to_alls((1, 2, 4, 1)) > 0
     assert dispatch_all_to_alls((1, 8, 1, 1)) == 0  # without an expert axis every device has every expert
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, line", [
+    ("--config.model.moe.dispatch=sorted", "model.moe.dispatch: got 'sorted'; must be one of dropless, capacity"),
+    ("--config.mesh.expert=3", "mesh.expert: got 3; must divide model.moe.n_experts = 8"),
+])
+def test_a_bad_dispatch_or_expert_axis_is_one_line_naming_the_field(override, line):
+    result = subprocess.run([sys.executable, "scripts/count_params.py", "--config=configs/pretrain.py:mhc,moe_debug",
+                             override], cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert_user_error(result, line)
 
 
 def test_an_expert_axis_must_divide_the_experts():

@@ -5,6 +5,7 @@ a 1-process one.)"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,16 +14,18 @@ import time
 from pathlib import Path
 
 import fsspec
+import jax
 import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 from helpers import ROOT, assert_user_error, xla_flags
 
 from configs.pretrain import get_config
-from mhc_jax import plots, workdirs
+from mhc_jax import plots, sharding, workdirs
 from mhc_jax.errors import UserError
-from mhc_jax.pods import aot, bench, compare, launchers, sweep, topology
+from mhc_jax.pods import aot, bench, compare, fit_report, launchers, memory_sources, sweep, topology
 from mhc_jax.training import checkpoint, runlog
+from mhc_jax.training.experiment import Experiment
 
 
 def dry_run(*args, devices=1):
@@ -34,14 +37,20 @@ def dry_run(*args, devices=1):
 @pytest.mark.slow
 def test_debug_scales_fit_simulated_cpus_and_a_tpu_slice():
     for args in (("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:8"),
-                 ("--config=configs/pretrain.py:mhc,moe_debug", "--topology=v5p-8", "--config.mesh.expert=2")):
+                 ("--config=configs/pretrain.py:mhc,moe_debug", "--topology=v5p-8", "--config.mesh.expert=2",
+                  "--config.train.seq_len=128")):  # a whole number of splash's 128-position tiles
         result = dry_run(*args, "--json")
         assert result.returncode == 0, result.stderr
         report = json.loads(result.stdout)
         assert report["fits"] and 0 < report["total_per_device"] < report["memory_per_device"]
         assert report["per_device"]["parameters"] > 0 and report["per_device"]["temporaries"] > 0
         assert np.prod(list(report["mesh"].values())) == report["devices"] == (8 if "--topology=cpu:8" in args else 4)
+        assert list(report["steps"]) == ["train", "eval", "diagnostics"]
+        for step in report["steps"].values():
+            assert step["fits"] and sum(step["temporaries_by_source"].values()) == step["per_device"]["temporaries"]
+        assert report["steps"]["train"]["temporaries_by_source"]["saved_activations"] > 0
     assert report["mesh"]["expert"] == 2 and report["dtype"] == "bfloat16" and report["days"] > 0
+    assert report["attention_kernel"] == "splash"  # 'auto' on a TPU: the Pallas kernel, compiled for it
 
 
 @pytest.mark.slow
@@ -50,6 +59,77 @@ def test_a_config_too_large_for_the_chip_does_not_fit():
                      "--config.train.seq_len=4096")
     assert result.returncode == 1, result.stderr
     assert "DOES NOT FIT" in result.stdout
+    assert re.search(r"per device +train +eval +diagnostics\n +parameters +[\d.]+ KiB +- +-", result.stdout)
+
+
+MiB = 2**20
+
+
+def dry_run_here(config, memory: int, steps=aot.STEPS) -> dict:
+    """aot.dry_run on one of this process's CPU devices, taken for a chip of `memory` bytes."""
+    return aot.dry_run(config, topology.Topology("cpu:1", "cpu", 1, memory, None), jax.devices("cpu")[:1], 0.4, steps)
+
+
+def test_the_dry_run_compiles_every_step_and_fits_only_if_every_one_fits():
+    """32 sequences in 32 microbatches with whole-sequence logits (loss_chunk=0): the train step
+    makes one sequence's logits at a time, evaluation all 32 at once, float32 [32, 64, 16384] =
+    128 MiB. On a 96 MiB device the train step fits and evaluation does not."""
+    B, T, V = 32, 64, 16384
+    config = get_config("residual,debug")
+    config.model.vocab_size = V
+    config.train.update(batch_size=B, microbatches=B, loss_chunk=0)
+    report = dry_run_here(config, 96 * MiB)
+    steps = report["steps"]
+    assert list(steps) == ["train", "eval", "diagnostics"]
+    assert steps["train"]["fits"] and not steps["eval"]["fits"] and steps["diagnostics"]["fits"]
+    assert not report["fits"]
+    assert report["reason"] == f"the eval step needs {steps['eval']['total_per_device'] / 2**30:.2f} GiB per device"
+    assert report["per_device"] == steps["train"]["per_device"]
+    assert report["total_per_device"] == steps["train"]["total_per_device"]
+    for step in steps.values():
+        sources = step["temporaries_by_source"]
+        assert sum(sources.values()) == step["per_device"]["temporaries"] and min(sources.values()) >= 0
+        assert step["per_device"]["optimizer_state"] == steps["train"]["per_device"]["optimizer_state"] > 0
+    logits = B * T * V * 4
+    assert steps["eval"]["temporaries_by_source"]["logits_loss"] >= logits
+    assert logits / B <= steps["train"]["temporaries_by_source"]["logits_loss"] < logits
+    assert steps["train"]["temporaries_by_source"]["saved_activations"] > 0
+    assert steps["eval"]["temporaries_by_source"]["saved_activations"] == 0  # no backward pass to save for
+    text = fit_report.report_text("residual,debug", report)
+    assert re.search(r"per device +train +eval +diagnostics\n", text)
+    assert re.search(r"\n    saved activations +[\d.]+ MiB +0 B +0 B\n", text)
+    assert re.search(r"\n    logits/loss +[\d.]+ MiB +[\d.]+ MiB +0 B\n", text)
+    assert "\nDOES NOT FIT: the eval step needs" in text
+
+
+def test_the_logits_source_shrinks_with_the_loss_chunk():
+    """The train step at debug (8 x 64 tokens) with 32768 tokens of vocabulary: whole-sequence logits
+    hold float32 [8, 64, 32768] at the peak; in chunks of 16 positions, less, but at least one
+    chunk's (a quarter of that)."""
+    logits = {}
+    for chunk in (0, 16):
+        config = get_config("residual,debug")  # the loss does not depend on the residual connection
+        config.model.update(vocab_size=32768, n_layers=1, remat="full")
+        config.train.loss_chunk = chunk
+        train = dry_run_here(config, 2**40, steps=("train",))["steps"]["train"]
+        logits[chunk] = train["temporaries_by_source"]["logits_loss"]
+    whole = 8 * 64 * 32768 * 4
+    assert logits[0] >= whole
+    assert whole // 4 <= logits[16] < whole
+
+
+def test_the_moe_layers_buffers_are_moe_dispatch():
+    """The evaluation step of moe_debug on one device: at its peak, the MoE layers' dispatch (the
+    `moe` scope) holds most of the temporaries; nothing is saved for a backward pass."""
+    config = get_config("mhc,moe_debug")
+    aot.resolve_auto(config, topology.parse("cpu:1"))
+    experiment = Experiment(config, sharding.make_mesh(config.mesh, jax.devices("cpu")[:1]))
+    function, args = aot.step_programs(experiment)["eval"]
+    compiled, sources = memory_sources.compile_with_sources(function.lower(*args))
+    by_source = sources["by_source"]
+    assert sum(by_source.values()) == compiled.memory_analysis().temp_size_in_bytes
+    assert by_source["moe_dispatch"] > sum(by_source.values()) / 2 and by_source["saved_activations"] == 0
+    assert sources["largest"][0]["source"] == "moe_dispatch" and "/moe/" in sources["largest"][0]["op_name"]
 
 
 @pytest.mark.slow

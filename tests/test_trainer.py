@@ -143,7 +143,7 @@ def test_bad_inputs(straight_run, default_data, tmp_path):
     assert_user_error(run_train(tmp_path / "a", "--config.train.batch_size=12", data_dir=default_data),
                       "train.batch_size: 12", "data x fsdp x expert = 8")
     assert_user_error(run_train(tmp_path / "a", "--config.mesh.expert=8", scale="moe_debug", data_dir=default_data,
-                                extra=["--config.model.moe.n_experts=12"]), "mesh.expert: 8", "n_experts=12")
+                                extra=["--config.model.moe.n_experts=12"]), "mesh.expert: got 8", "n_experts = 12")
     assert_user_error(run_train(tmp_path / "a", data_dir=tmp_path / "nowhere"),
                       "no manifest.json", "prepare_data.py")
     assert_user_error(run_train(straight_run, *STRAIGHT, variant="mhc", data_dir=default_data),

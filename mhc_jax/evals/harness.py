@@ -56,7 +56,7 @@ def read_checkpoint(checkpoints: checkpoint.Checkpoints, pinned: int | None):
     def read(step):
         meta = checkpoints.read_meta(step)
         config = ml_collections.ConfigDict(meta["config"])
-        config.model.moe.capacity_factor = 0.0  # evaluation never drops a token from its experts
+        config.model.moe.dispatch = "dropless"  # evaluation never drops a token from its experts
         config.model.site_impl = "fast"  # compile-only (and absent from checkpoints before it existed)
         mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
         graphdef, _, abstract_params = abstract_model(config.model, mesh)

@@ -10,6 +10,10 @@
   W_kv_b's key half into the query and its value half into the output, so full keys and values are
   never formed.
 
+Both compute attention through attention_kernels.attend, with the kernel `model.attention_kernel`
+picks for this platform; MLA's decoding attends in the latent space as multi-query attention (one
+key/value head of kv_rank + rope_dim dims).
+
 A decoding batch is left-padded: row b's real tokens start at slot start_B[b], and position 0 is
 that slot, so RoPE sees the positions an unpadded sequence would.
 """
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mhc_jax.model import attention_kernels
 from mhc_jax.model.layers import RMSNorm, apply_rope, normal, param
 
 KINDS = ("mha", "mla")
@@ -44,16 +49,17 @@ def cache_shapes(cfg) -> tuple[tuple[int, ...], ...]:
     return (cfg.n_kv_heads, head_dim), (cfg.n_kv_heads, head_dim)
 
 
-def extend(cache: LayerCache, new_entries: tuple, T: int):
-    """The cache with T new tokens' entries written at `index`, the new tokens' RoPE positions [B, T]
-    and the mask [B, T, S] of the slots each may attend to (itself, earlier real tokens)."""
-    entries = tuple(jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), cache.index, axis=1)
-                    for old, new in zip(cache.entries, new_entries))
-    query_slots_T = cache.index + jnp.arange(T)
-    key_slots_S = jnp.arange(entries[0].shape[1])
-    mask_BTS = (key_slots_S[None, None, :] <= query_slots_T[None, :, None]) & \
-               (key_slots_S[None, None, :] >= cache.start_B[:, None, None])
-    return cache._replace(entries=entries), mask_BTS
+def extend(cache: LayerCache, new_entries: tuple) -> LayerCache:
+    """The cache with the new tokens' entries written at `index` (the index is moved by the caller,
+    once per forward pass)."""
+    return cache._replace(entries=tuple(
+        jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), cache.index, axis=1)
+        for old, new in zip(cache.entries, new_entries)))
+
+
+def kernel_for(cfg) -> str:
+    """The attention kernel this config means on this machine ('auto' decided by platform)."""
+    return attention_kernels.choose(cfg.attention_kernel, jax.default_backend(), cfg.dtype)
 
 
 def decode_positions(cache: LayerCache, T: int) -> jax.Array:
@@ -75,18 +81,20 @@ class Attention(nnx.Module):
         self.wv = param(normal(rngs, (C, K, D), C**-0.5), ("embed", "kv_heads", "head_dim"))
         self.wo = param(normal(rngs, (H, D, C), out_std * (H * D) ** -0.5), ("heads", "head_dim", "embed"))
         self.rope_theta = cfg.rope_theta
+        self.kernel, self.scale = kernel_for(cfg), D**-0.5
 
     def __call__(self, x_BTC: jax.Array) -> jax.Array:
         q_BTHD, k_BTKD, v_BTKD = self.project(x_BTC, train_positions(x_BTC))
-        return self.output(jax.nn.dot_product_attention(q_BTHD, k_BTKD, v_BTKD, is_causal=True))
+        return self.output(attention_kernels.attend(q_BTHD, k_BTKD, v_BTKD, kernel=self.kernel, scale=self.scale))
 
     def decode(self, x_BTC: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
         """T new tokens of left-padded rows: writes their keys and values into the cache and attends
         to every real token up to each."""
         q_BTHD, k_BTKD, v_BTKD = self.project(x_BTC, decode_positions(cache, x_BTC.shape[1]))
-        cache, mask_BTS = extend(cache, (k_BTKD, v_BTKD), x_BTC.shape[1])
+        cache = extend(cache, (k_BTKD, v_BTKD))
         k_BSKD, v_BSKD = cache.entries
-        o_BTHD = jax.nn.dot_product_attention(q_BTHD, k_BSKD, v_BSKD, mask=mask_BTS[:, None])
+        o_BTHD = attention_kernels.attend(q_BTHD, k_BSKD, v_BSKD, kernel=self.kernel, scale=self.scale,
+                                          offset=cache.index, start_B=cache.start_B)
         return self.output(o_BTHD), cache
 
     def project(self, x_BTC, positions_BT):
@@ -114,6 +122,7 @@ class LatentAttention(nnx.Module):
         self.wo = param(normal(rngs, (H, D, C), out_std * (H * D) ** -0.5), ("heads", "head_dim", "embed"))
         self.head_dim, self.rope_dim, self.kv_rank = D, R, r
         self.rope_theta = cfg.rope_theta
+        self.kernel, self.scale = kernel_for(cfg), (D + R) ** -0.5
 
     def __call__(self, x_BTC: jax.Array) -> jax.Array:
         """Training and scoring: keys and values expanded per head from the latent."""
@@ -121,28 +130,24 @@ class LatentAttention(nnx.Module):
         k_nope_BTHD, v_BTHD = jnp.split(self.expand_latent(latent_BTr), 2, axis=-1)
         k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None, :], (*k_nope_BTHD.shape[:3], self.rope_dim))
         k_BTHJ = jnp.concatenate([k_nope_BTHD, k_rope_BTHR], axis=-1)
-        v_BTHJ = jnp.pad(v_BTHD, ((0, 0),) * 3 + ((0, self.rope_dim),))  # one width for q, k and v
-        o_BTHJ = jax.nn.dot_product_attention(q_BTHJ, k_BTHJ, v_BTHJ, is_causal=True)
-        return self.output(o_BTHJ[..., :self.head_dim])
+        return self.output(attention_kernels.attend(q_BTHJ, k_BTHJ, v_BTHD, kernel=self.kernel, scale=self.scale))
 
     def decode(self, x_BTC: jax.Array, cache: LayerCache) -> tuple[jax.Array, LayerCache]:
-        """T new tokens: caches their latent and RoPE key, then attends in the latent space (W_kv_b's
-        key half folded into the query, its value half applied after the weighted sum)."""
+        """T new tokens: caches their latent and RoPE key, then attends in the latent space as
+        multi-query attention: W_kv_b's key half folded into the query ([q_latent; q_rope] against
+        the one key [latent; k_rope]), its value half applied after the weighted sum of latents."""
         T, D = x_BTC.shape[1], self.head_dim
         q_BTHJ, latent_BTr, k_rope_BTR = self.project(x_BTC, decode_positions(cache, T))
-        cache, mask_BTS = extend(cache, (latent_BTr, k_rope_BTR), T)
+        cache = extend(cache, (latent_BTr, k_rope_BTR))
         latent_BSr, k_rope_BSR = cache.entries
         w_k_rHD, w_v_rHD = jnp.split(self.wkv_b[...].astype(x_BTC.dtype), 2, axis=-1)
-        q_nope_BTHD, q_rope_BTHR = q_BTHJ[..., :D], q_BTHJ[..., D:]
-        q_latent_BTHr = jnp.einsum("bthd,rhd->bthr", q_nope_BTHD, w_k_rHD)
-        scores_BHTS = (jnp.einsum("bthr,bsr->bhts", q_latent_BTHr, latent_BSr)
-                       + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BSR)) * (D + self.rope_dim) ** -0.5
-        # A finite floor, not -inf: a padding slot attends to nothing, and must stay finite (no NaN)
-        # because later layers read its cached latent with weight 0.
-        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(x_BTC.dtype)
-        o_latent_BTHr = jnp.einsum("bhts,bsr->bthr", weights_BHTS, latent_BSr)
-        return self.output(jnp.einsum("bthr,rhd->bthd", o_latent_BTHr, w_v_rHD)), cache
+        q_latent_BTHr = jnp.einsum("bthd,rhd->bthr", q_BTHJ[..., :D], w_k_rHD)
+        q_BTHX = jnp.concatenate([q_latent_BTHr, q_BTHJ[..., D:]], axis=-1)  # X: r + R, one key head (K = 1)
+        k_BSKX = jnp.concatenate([latent_BSr, k_rope_BSR.astype(latent_BSr.dtype)], axis=-1)[:, :, None, :]
+        o_latent_BTHr = attention_kernels.attend(q_BTHX.astype(k_BSKX.dtype), k_BSKX, latent_BSr[:, :, None, :],
+                                                 kernel=self.kernel, scale=self.scale, offset=cache.index,
+                                                 start_B=cache.start_B)
+        return self.output(jnp.einsum("bthr,rhd->bthd", o_latent_BTHr.astype(x_BTC.dtype), w_v_rHD)), cache
 
     def project(self, x_BTC, positions_BT):
         """The query [q_nope; rope(q_rope)] per head, the normalized latent and the RoPE key."""

@@ -19,6 +19,7 @@ def token_losses(h_BTC: jax.Array, w_CV: jax.Array, targets_BT: jax.Array) -> ja
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
 
 
+@jax.named_scope("loss")  # the dry run attributes the logits' memory by this name (pods/memory_sources.py)
 def mean_cross_entropy(h_BTC: jax.Array, w_CV: jax.Array, targets_BT: jax.Array, chunk: int) -> jax.Array:
     """Mean next-token cross-entropy of each sequence [B], the logits made `chunk` positions at a time."""
     B, T, C = h_BTC.shape

@@ -10,19 +10,50 @@ whole global batch (`balance_router_bias`). It is a `RouterBias` variable, not a
 gradient is zero (it only selects), the train step sets it, checkpoints save it. V3's complementary
 sequence-wise balance loss is returned too; the trainer adds it with `balance_loss_weight` (0: off).
 
-Dispatch is capacity-based within each sequence (the routing group): expert e takes at most
+Dispatch (`dispatch`): 'dropless' (the default, as V3 trains) sends every assignment to its expert.
+The B*T*k assignments are sorted by expert, each expert's SwiGLU runs as grouped matmuls
+(`jax.lax.ragged_dot`, one group per expert, its size the expert's token count), and the outputs
+are unsorted and combined with the gates. The permutations are gathers in both directions
+(`take_rows`: its backward gathers with the inverse permutation) and the gates are read with a
+one-hot product, not take_along_axis: the layer's gradient has no scatter (tests/test_moe.py).
+`RouterStats.dropped` is 0. Evaluation and decoding always use it.
+
+'capacity' is capacity-based within each sequence (the routing group): expert e takes at most
 `capacity = ceil(capacity_factor * T * k / E)` of a sequence's T tokens, first come first served
 in token order, and an assignment past it is dropped (it contributes 0; the shared experts and the
-residual stream still carry the token). The dropped fraction is logged. `capacity_factor <= 0` is
-dropless (capacity = T), which evaluation and decoding always use. Because groups are
-sequences, the same tokens are dropped on any mesh.
+residual stream still carry the token). The dropped fraction is logged. `capacity_factor <= 0`
+makes capacity = T (nothing drops, at E/k times the routed FLOPs). Because groups are sequences,
+the same tokens are dropped on any mesh.
 
-Expert parallelism: the dispatched tokens [B, E, capacity, C] are resharded from the batch
-(sharded over data x fsdp x expert) to the experts (E over `expert`, the batch over data x fsdp):
-XLA turns that into an all-to-all over the `expert` axis, and the reverse one brings the outputs
-back. Expert weights [E, ...] are sharded over `expert` by the logical-axis rules.
+Where each path runs:
+- one device (or no mesh): 'dropless' sorts and runs ragged_dot over all E experts in place.
+- a mesh: 'dropless' runs inside `jax.shard_map` over every mesh axis, so each device sorts only
+  its own tokens. With expert parallelism (expert weights split over `expert`), each device
+  all-gathers the tokens, expert ids and gates of its `expert` group, runs ragged_dot over its
+  E / expert local experts only (the other devices' assignments sort after its groups and are
+  masked to 0), and a reduce-scatter (psum_scatter) over `expert` returns each token's sum to its
+  owner. Expert weights enter gathered over fsdp and split over `tensor` along the expert width;
+  a psum over `tensor` completes the down projection. Without expert parallelism the batch axes
+  only split the tokens: no collective beyond the weights' gather over fsdp. A batch too small to
+  split is computed whole on every device (with the experts split, a psum over `expert` adds up
+  their parts).
+  This all-gather path runs on CPU, GPU and TPU alike: there is no `ragged_all_to_all` path yet,
+  so each device of an expert group holds the whole group's assignments (`expert` times its own).
+  XLA:CPU has no ragged-dot instruction: on CPU `ragged_dot` expands each group densely (E times the
+  FLOPs of the grouped matmul). On TPU (v5p dry runs) the forward and the input gradient compile to
+  a ragged-dot kernel, but the weight gradient (ragged_dot's transpose that contracts over the
+  ragged rows) compiles densely, every row against every local expert: E_local times its FLOPs.
+  megablox's tgmm kernel would fix that; inside this shard_map (check_vma) a Pallas call needs its
+  output's varying axes, which tgmm does not take, so it is not used yet. On GPU jax emits XLA's
+  ragged dot (not checked here).
+- 'capacity' on a mesh: the dispatched tokens [B, E, capacity, C] are resharded from the batch
+  (sharded over data x fsdp x expert) to the experts (E over `expert`, the batch over data x
+  fsdp): XLA turns that into an all-to-all over the `expert` axis, and the reverse one brings the
+  outputs back.
+Expert weights [E, ...] are sharded over `expert` by the logical-axis rules.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -32,6 +63,8 @@ from flax import nnx
 
 from mhc_jax import sharding
 from mhc_jax.model.layers import SwiGLU, normal, param
+
+DISPATCHES = ("dropless", "capacity")
 
 
 class RouterBias(nnx.Variable):
@@ -65,18 +98,39 @@ class MoE(nnx.Module):
         self.config = c
 
     def __call__(self, x_BTC: jax.Array) -> tuple[jax.Array, RouterStats]:
+        with jax.named_scope("moe"):  # a dry run's memory report attributes buffers by this name
+            c = self.config
+            B, T, C = x_BTC.shape
+            E, A = c.n_experts, c.top_k
+            scores_BTE = jax.nn.sigmoid(x_BTC.astype(jnp.float32) @ self.router[...])
+            _, expert_BTA = jax.lax.top_k(scores_BTE + self.router_bias[...], A)
+            if c.dispatch == "capacity":
+                chosen_BTA = jnp.take_along_axis(scores_BTE, expert_BTA, axis=-1)
+            else:  # the same numbers, without the scatter-add that take_along_axis's gradient is
+                chosen_BTA = (scores_BTE[:, :, None, :] * jax.nn.one_hot(expert_BTA, E, dtype=scores_BTE.dtype)).sum(-1)
+            gate_BTA = c.routed_scale * chosen_BTA / chosen_BTA.sum(-1, keepdims=True)
+            expert_BX = expert_BTA.reshape(B, T * A)
+            onehot_BXE = jax.nn.one_hot(expert_BX, E, dtype=jnp.int32)
+            if c.dispatch == "capacity":
+                y_BTC, dropped = self.capacity_dispatch(x_BTC, expert_BX, onehot_BXE, gate_BTA)
+            else:
+                y_BTC, dropped = self.dropless_dispatch(x_BTC, expert_BTA, gate_BTA), jnp.zeros((), jnp.float32)
+            if self.shared is not None:
+                y_BTC = y_BTC + self.shared(x_BTC)
+
+            fraction_BE = onehot_BXE.sum(1) * (E / (A * T))  # V3's f_i
+            affinity_BE = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(1)  # V3's P_i
+            stats = RouterStats(load=onehot_BXE.sum((0, 1)).astype(jnp.float32), dropped=dropped,
+                                balance_loss=(fraction_BE * affinity_BE).sum(-1).mean())
+            return y_BTC, stats
+
+    def capacity_dispatch(self, x_BTC, expert_BX, onehot_BXE, gate_BTA) -> tuple[jax.Array, jax.Array]:
+        """dispatch='capacity': the routed experts' sum [B, T, C], and the count of dropped assignments."""
         c = self.config
         B, T, C = x_BTC.shape
         E, A = c.n_experts, c.top_k
-        scores_BTE = jax.nn.sigmoid(x_BTC.astype(jnp.float32) @ self.router[...])
-        _, expert_BTA = jax.lax.top_k(scores_BTE + self.router_bias[...], A)
-        chosen_BTA = jnp.take_along_axis(scores_BTE, expert_BTA, axis=-1)
-        gate_BTA = c.routed_scale * chosen_BTA / chosen_BTA.sum(-1, keepdims=True)
-
         # Slot of every assignment (token t's k-th choice, in token order) in its expert's buffer.
         cap = capacity(c, T)
-        expert_BX = expert_BTA.reshape(B, T * A)
-        onehot_BXE = jax.nn.one_hot(expert_BX, E, dtype=jnp.int32)
         rank_BX = (jnp.cumsum(onehot_BXE, axis=1) * onehot_BXE).sum(-1) - 1
         kept_BX = rank_BX < cap
         slot_BX = jnp.where(kept_BX, expert_BX * cap + rank_BX, E * cap)  # E * cap: the discard slot
@@ -91,24 +145,105 @@ class MoE(nnx.Module):
         ye_BYC = jnp.concatenate([ye_BEGC.reshape(B, E * cap, C), jnp.zeros((B, 1, C), ye_BEGC.dtype)], axis=1)
         y_BXC = jnp.take_along_axis(ye_BYC, slot_BX[..., None], axis=1)
         y_BTC = jnp.einsum("btac,bta->btc", y_BXC.reshape(B, T, A, C), gate_BTA.astype(y_BXC.dtype))
-        if self.shared is not None:
-            y_BTC = y_BTC + self.shared(x_BTC)
+        return y_BTC, (~kept_BX).sum().astype(jnp.float32)
 
-        fraction_BE = onehot_BXE.sum(1) * (E / (A * T))  # V3's f_i
-        affinity_BE = (scores_BTE / scores_BTE.sum(-1, keepdims=True)).mean(1)  # V3's P_i
-        stats = RouterStats(load=onehot_BXE.sum((0, 1)).astype(jnp.float32),
-                            dropped=(~kept_BX).sum().astype(jnp.float32),
-                            balance_loss=(fraction_BE * affinity_BE).sum(-1).mean())
-        return y_BTC, stats
+    def dropless_dispatch(self, x_BTC, expert_BTA, gate_BTA) -> jax.Array:
+        """dispatch='dropless': the routed experts' sum [B, T, C], every assignment computed. On a
+        mesh, inside shard_map: each device sorts its own tokens (with expert parallelism, its
+        expert group's tokens, for its own experts; see the module docstring)."""
+        B, T, C = x_BTC.shape
+        A = expert_BTA.shape[-1]
+        weights = tuple(w[...].astype(x_BTC.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            y_XC = dropless_experts(x_BTC.reshape(B * T, C), expert_BTA.reshape(B * T, A),
+                                    gate_BTA.reshape(B * T, A), *weights)
+            return y_XC.reshape(B, T, C)
+
+        batch = sharding.spec_for(("batch", None, None), x_BTC.shape, mesh)
+        in_specs = (sharding.spec_for(("experts", None, "mlp"), weights[0].shape, mesh),
+                    sharding.spec_for(("experts", None, "mlp"), weights[1].shape, mesh),
+                    sharding.spec_for(("experts", "mlp", None), weights[2].shape, mesh))
+        experts_split = in_specs[0][0] == "expert"  # else every device holds every expert
+        mlp_split = in_specs[0][2] == "tensor"
+        batch_axes = (batch[0],) if isinstance(batch[0], str) else tuple(batch[0] or ())
+        gathered = experts_split and "expert" in batch_axes
+
+        def local(x_BTC, expert_BTA, gate_BTA, *weights):
+            b = x_BTC.shape[0]
+            x_XC, expert_XA, gate_XA = x_BTC.reshape(b * T, C), expert_BTA.reshape(b * T, A), gate_BTA.reshape(b * T, A)
+            if gathered:  # the tokens of the whole expert group, in the order of its devices
+                x_XC, expert_XA, gate_XA = (jax.lax.all_gather(a, "expert", axis=0, tiled=True)
+                                            for a in (x_XC, expert_XA, gate_XA))
+            elif experts_split:  # every device has these tokens; its sort differs (its experts): the
+                # custom gradient of take_rows must see x vary over `expert`, so that its cotangent is summed
+                x_XC = jax.lax.pcast(x_XC, "expert", to="varying")
+            first = jax.lax.axis_index("expert") * weights[0].shape[0] if experts_split else None
+            y_XC = dropless_experts(x_XC, expert_XA, gate_XA, *weights, first_expert=first)
+            if gathered:  # each token's sum over the group's experts, back to the device that owns it
+                y_XC = jax.lax.psum_scatter(y_XC, "expert", scatter_dimension=0, tiled=True)
+            elif experts_split:
+                y_XC = jax.lax.psum(y_XC, "expert")
+            if mlp_split:  # the down projection's partial sums over the expert width
+                y_XC = jax.lax.psum(y_XC, "tensor")
+            return y_XC.reshape(b, T, C)
+
+        return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch, batch, *in_specs),
+                             out_specs=batch)(x_BTC, expert_BTA, gate_BTA, *weights)
 
     def experts(self, x_BEGC: jax.Array) -> jax.Array:
-        """Each expert's SwiGLU on its tokens. The weights are gathered over FSDP first (kept split
+        """dispatch='capacity': each expert's SwiGLU on its tokens. The weights are gathered over FSDP first (kept split
         over experts), so each device runs its own experts on the tokens dispatched to it."""
         dtype = x_BEGC.dtype
         w_gate, w_up = (sharding.constrain(w[...].astype(dtype), ("experts", None, "mlp")) for w in (self.w_gate, self.w_up))
         w_down = sharding.constrain(self.w_down[...].astype(dtype), ("experts", "mlp", None))
         gate_BEGF = jax.nn.silu(jnp.einsum("begc,ecf->begf", x_BEGC, w_gate))
         return jnp.einsum("begf,efc->begc", gate_BEGF * jnp.einsum("begc,ecf->begf", x_BEGC, w_up), w_down)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def take_rows(x_XC: jax.Array, perm_Y: jax.Array, inverse_Y: jax.Array, copies: int) -> jax.Array:
+    """Row perm[i] // copies of x for every i: x's rows, each repeated `copies` times (Y = X x copies
+    rows), put in the order of the permutation `perm` (whose inverse permutation is `inverse`). Its
+    backward gathers with `inverse` and sums the copies; a plain gather's would scatter-add, slow on
+    accelerators."""
+    return x_XC[perm_Y // copies if copies > 1 else perm_Y]
+
+
+def _take_rows_fwd(x_XC, perm_Y, inverse_Y, copies):
+    return take_rows(x_XC, perm_Y, inverse_Y, copies), inverse_Y
+
+
+def _take_rows_bwd(copies, inverse_Y, g_YC):
+    g_XAC = g_YC[inverse_Y].reshape(-1, copies, g_YC.shape[-1])
+    return g_XAC.sum(1) if copies > 1 else g_XAC[:, 0], None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def dropless_experts(x_XC, expert_XA, gate_XA, w_gate_ECF, w_up_ECF, w_down_EFC, first_expert=None) -> jax.Array:
+    """For each of X tokens t with A assignments: sum_a gate[t, a] * Expert_{expert[t, a]}(x[t]), over
+    the experts whose weights are given: all of them (first_expert None), or experts first_expert ..
+    first_expert + E - 1 of a larger set, the other assignments contributing 0. The assignments are
+    sorted by expert (the others' last, outside every group), each expert's SwiGLU is a group of
+    `ragged_dot` (group sizes: the experts' assignment counts), and the outputs return to assignment
+    order."""
+    (X, A), C, E = expert_XA.shape, x_XC.shape[-1], w_gate_ECF.shape[0]
+    key_XA = expert_XA if first_expert is None else expert_XA - first_expert
+    here_XA = (key_XA >= 0) & (key_XA < E)
+    key_Y = jnp.where(here_XA, key_XA, E).reshape(X * A)  # Y: X x A, token x's a-th choice at x * A + a
+    order_Y = jnp.argsort(key_Y, stable=True)  # sorted position -> assignment
+    inverse_Y = jnp.argsort(order_Y)  # assignment -> sorted position
+    sizes_E = (key_Y[:, None] == jnp.arange(E, dtype=key_Y.dtype)).sum(0, dtype=jnp.int32)
+    xs_YC = take_rows(x_XC, order_Y, inverse_Y, A)
+    hidden_YF = (jax.nn.silu(jax.lax.ragged_dot(xs_YC, w_gate_ECF, sizes_E))
+                 * jax.lax.ragged_dot(xs_YC, w_up_ECF, sizes_E))
+    ys_YC = jax.lax.ragged_dot(hidden_YF, w_down_EFC, sizes_E)
+    y_XAC = take_rows(ys_YC, inverse_Y, order_Y, 1).reshape(X, A, C)
+    if first_expert is not None:  # rows outside every group: not this device's experts
+        y_XAC = jnp.where(here_XA[..., None], y_XAC, jnp.zeros((), y_XAC.dtype))
+    return jnp.einsum("xac,xa->xc", y_XAC, gate_XA.astype(y_XAC.dtype))
 
 
 def balance_router_bias(bias_LE: jax.Array, load_LE: jax.Array, rate: float) -> jax.Array:

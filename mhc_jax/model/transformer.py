@@ -17,9 +17,10 @@ the code base (docs/design.md):
   R RoPE dims                  r MLA's KV latent rank           J MLA's query/key head dim (D + R)
   F hidden width of a SwiGLU (d_ff, d_expert)
   E routed experts             A experts per token (top_k)      G capacity (slots per expert)
-  Y all experts' buffer slots (E x G, and one discard slot)
+  Y all experts' buffer slots (capacity: E x G and one discard slot; dropless: the X x A assignments)
   P a coefficient projection's outputs (HC: n + 1, mHC: n^2 + 2n)
   Q chunks of the sequence (the chunked loss)
+  U query heads per key/value head (H = K x U)   Z blocks   t, s one block of query / key positions
   X a flattened axis (the axes it merges are named where it is made: n x C, T x A, B x T)
 """
 
@@ -222,7 +223,8 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)
         layers = (stacked_state, None if layer_cache is None else layer_cache[0])
         if self.scan_layers:
-            return jax.lax.scan(body, x_BTNC, layers)
+            with jax.named_scope("layers"):  # the dry run's name for what the scan saves (pods/memory_sources.py)
+                return jax.lax.scan(body, x_BTNC, layers)
         per_layer = []
         for layer in range(jax.tree.leaves(stacked_state)[0].shape[0]):
             x_BTNC, out = body(x_BTNC, jax.tree.map(lambda a: a[layer], layers))

@@ -1,26 +1,34 @@
-"""Dry runs: the real train step (trainer.Experiment) compiled ahead of time for a topology this
-machine does not have, and what XLA says it needs per device.
+"""Dry runs: every step a run executes (trainer.Experiment's train step, evaluation step and
+diagnostics step, STEPS) compiled ahead of time for a topology this machine does not have, and what
+XLA says each needs per device. A config fits only if every step fits.
 
-Per-device memory comes from the compiled step's `memory_analysis()`: its arguments (parameters,
+Per-device memory comes from each compiled step's `memory_analysis()`: its arguments (parameters,
 optimizer state, the batch), its outputs less what the donated state aliases, XLA's temporaries
-(activations kept for the backward pass, gradients, workspace) and the generated code. Time comes
-from the model's FLOPs (mhc_jax/training/flops.py, the MFU basis) at a stated MFU; XLA's own FLOP count
-(`cost_analysis()`) is shown beside it, though it counts a scanned loop's body once.
+and the generated code. The train state stays on the device while evaluation and diagnostics run,
+so their columns count the optimizer state too. The temporaries are broken down by source at their
+peak (saved activations, attention, MoE dispatch, logits/loss, other; mhc_jax/pods/memory_sources.py).
+Time comes from the model's FLOPs (mhc_jax/training/flops.py, the MFU basis) at a stated MFU; XLA's
+own FLOP count (`cost_analysis()`) is shown beside it, though it counts a scanned loop's body once.
 """
 
+import hashlib
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 
 from mhc_jax import sharding
 from mhc_jax.errors import UserError
-from mhc_jax.pods import topology
+from mhc_jax.model import attention_kernels
+from mhc_jax.pods import memory_sources, topology
 from mhc_jax.training import flops, trainer
 from mhc_jax.training.experiment import Experiment
 
 REMAT_BY_MEMORY = ("full", "dots", "none")  # least memory (most recomputation) first
 OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory")  # how the TPU compiler refuses a program
+STEPS = ("train", "eval", "diagnostics")  # every compiled step a run executes (trainer.loop, read_step)
+COMPILED: dict = {}  # (target, step, memory, lowered program's hash) -> compile_step's report
 
 
 def bytes_per_device(abstract_tree) -> int:
@@ -29,16 +37,21 @@ def bytes_per_device(abstract_tree) -> int:
                for a in jax.tree.leaves(abstract_tree))
 
 
-def resolve_dtype(config, target: topology.Topology) -> None:
-    """'auto' means bfloat16 on accelerators: decide it for the target, not for this machine."""
-    if config.model.dtype == "auto":
-        config.model.dtype = "float32" if target.platform == "cpu" else "bfloat16"
+def resolve_auto(config, target: topology.Topology) -> None:
+    """Decide the 'auto' dtype (bfloat16 on accelerators) and attention kernel for the target, not
+    for this machine."""
+    m = config.model
+    m.attention_kernel = attention_kernels.choose(m.attention_kernel, target.platform, m.dtype)
+    if m.dtype == "auto":
+        m.dtype = "float32" if target.platform == "cpu" else "bfloat16"
 
 
-def dry_run(config, target: topology.Topology, devices: list, mfu: float) -> dict:
-    """Compiles `config`'s train step for `devices` and reports memory per device, FITS or not,
-    the FLOPs and the time the config's token budget needs at `mfu`."""
-    resolve_dtype(config, target)
+def dry_run(config, target: topology.Topology, devices: list, mfu: float, steps: tuple = STEPS) -> dict:
+    """Compiles every step of `config` (`steps`: STEPS, or the train step and some of the others) for
+    `devices` and reports memory per device of each (`steps`; the train step's also at the top, as
+    `per_device` and `total_per_device`), FITS only if every step fits, the FLOPs and the time the
+    config's token budget needs at `mfu`. The others are compiled only when the train step fits."""
+    resolve_auto(config, target)
     mesh = sharding.make_mesh(config.mesh, devices)
     trainer.check_mesh(config, mesh)
     experiment = Experiment(config, mesh)
@@ -46,37 +59,89 @@ def dry_run(config, target: topology.Topology, devices: list, mfu: float) -> dic
     state = experiment.abstract_state
     per_device = {"parameters": bytes_per_device(state["params"]), "optimizer_state": bytes_per_device(state["opt"])}
     report = {"topology": target.name, "devices": len(devices), "mesh": dict(mesh.shape), "remat": config.model.remat,
-              "dtype": config.model.dtype, "memory_per_device": target.memory_per_device}
+              "dtype": config.model.dtype, "attention_kernel": config.model.attention_kernel,
+              "memory_per_device": target.memory_per_device}
     if per_device["parameters"] + per_device["optimizer_state"] > target.memory_per_device:
         report.update(per_device=per_device, total_per_device=per_device["parameters"] + per_device["optimizer_state"],
                       fits=False, reason="parameters and optimizer state alone exceed the device memory (not compiled)")
         return report
-    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=experiment.batch_sharding)
-    try:
-        compiled = experiment.train_step.lower(state, tokens).compile()
-    except jax.errors.JaxRuntimeError as e:
-        if not any(marker in str(e) for marker in OUT_OF_MEMORY):
-            raise
-        message = next((line for line in str(e).splitlines() if "memory" in line.lower()), str(e).splitlines()[0])
-        report.update(per_device=per_device, fits=False, reason=f"the compiler ran out of memory: {message.strip()}")
+    asked, by_step, compiled = ("train", *(s for s in steps if s != "train")), {}, None
+    for step in asked:
+        if step != "train" and not by_step["train"]["fits"]:
+            break
+        function, args = step_programs(experiment)[step]
+        by_step[step], step_compiled = compile_step(step, function, args, per_device, target.memory_per_device,
+                                                  target.name)
+        compiled = step_compiled if step == "train" else compiled  # the FLOPs are the train step's
+    train = by_step["train"]
+    report.update(steps=by_step, per_device=train["per_device"],
+                  fits=len(by_step) == len(asked) and all(s["fits"] for s in by_step.values()),
+                  compile_seconds=round(sum(s["compile_seconds"] for s in by_step.values()), 1))
+    if not report["fits"]:
+        report["reason"] = "; ".join(s["reason"] for s in by_step.values() if "reason" in s)
+    if compiled is None:
         return report
-    memory = compiled.memory_analysis()
-    per_device.update(
-        other_arguments=memory.argument_size_in_bytes - per_device["parameters"] - per_device["optimizer_state"],
-        outputs_not_aliased=memory.output_size_in_bytes - memory.alias_size_in_bytes,
-        temporaries=memory.temp_size_in_bytes, generated_code=memory.generated_code_size_in_bytes)
-    total = sum(per_device.values())
+    report["total_per_device"] = train["total_per_device"]
     tokens_per_step = t.batch_size * t.seq_len
     model_flops = flops.train_flops_per_token(config.model, t.seq_len) * tokens_per_step
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    report.update(per_device=per_device, total_per_device=total, fits=total <= target.memory_per_device,
-                  xla_flops_per_device=float(cost.get("flops", 0.0)), model_flops_per_step=model_flops,
+    report.update(xla_flops_per_device=float(cost.get("flops", 0.0)), model_flops_per_step=model_flops,
                   token_budget=t.steps * tokens_per_step, mfu=mfu)
     if target.peak_flops:
         seconds = model_flops / (len(devices) * target.peak_flops * mfu)
         report.update(peak_flops_per_device=target.peak_flops, step_seconds=seconds, days=t.steps * seconds / 86400)
     return report
+
+
+def step_programs(experiment: Experiment) -> dict:
+    """step -> (jitted function, abstract arguments), shaped as the trainer calls them: the train
+    step on a global batch of windows [batch_size, seq_len + 1]; evaluation on batches of the same
+    shape with a weight per row (pipeline.eval_batches, global batch_size rows); diagnostics on the
+    first evaluation batch's tokens (trainer.setup's diag_tokens)."""
+    t, state = experiment.config.train, experiment.abstract_state
+    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=experiment.batch_sharding)
+    weight = jax.ShapeDtypeStruct((t.batch_size,), jnp.float32, sharding=experiment.batch_sharding)
+    return {"train": (experiment.train_step, (state, tokens)),
+            "eval": (experiment.eval_step, (state["params"], tokens, weight)),
+            "diagnostics": (experiment.trace_step, (state["params"], tokens))}
+
+
+def compile_step(step: str, function, args: tuple, resident: dict, memory_per_device: int, target_name: str = ""):
+    """One step compiled: (its report, the compiled step or None when the compiler refused it for
+    memory or reused an earlier compile). `resident` holds the parameters' and optimizer state's
+    bytes per device: on the device during every step, arguments of the train step only. A program
+    identical to one compiled before for the same target (evaluation and diagnostics do not depend
+    on the remat policy, which --suggest varies last) reuses that compile's report."""
+    start = time.perf_counter()
+    lowered = function.lower(*args)
+    key = None if step == "train" else (target_name, step, memory_per_device,
+                                        hashlib.sha256(lowered.as_text().encode()).hexdigest())
+    if key in COMPILED:
+        return {**COMPILED[key], "compile_seconds": round(time.perf_counter() - start, 1), "reused": True}, None
+    try:
+        compiled, sources = memory_sources.compile_with_sources(lowered)
+    except jax.errors.JaxRuntimeError as e:
+        if not any(marker in str(e) for marker in OUT_OF_MEMORY):
+            raise
+        message = next((line for line in str(e).splitlines() if "memory" in line.lower()), str(e).splitlines()[0])
+        return {"per_device": dict(resident), "fits": False, "compile_seconds": round(time.perf_counter() - start, 1),
+                "reason": f"the compiler ran out of memory for the {step} step: {message.strip()}"}, None
+    memory = compiled.memory_analysis()
+    in_arguments = resident["parameters"] + (resident["optimizer_state"] if step == "train" else 0)
+    per_device = {**resident, "other_arguments": memory.argument_size_in_bytes - in_arguments,
+                  "outputs_not_aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
+                  "temporaries": memory.temp_size_in_bytes, "generated_code": memory.generated_code_size_in_bytes}
+    total = sum(per_device.values())
+    report = {"per_device": per_device, "total_per_device": total, "fits": total <= memory_per_device,
+              "temporaries_by_source": sources and sources["by_source"],
+              "largest_temporaries": sources and sources["largest"],
+              "compile_seconds": round(time.perf_counter() - start, 1)}
+    if not report["fits"]:
+        report["reason"] = f"the {step} step needs {total / 2**30:.2f} GiB per device"
+    if key is not None:
+        COMPILED[key] = report
+    return report, compiled
 
 
 def candidate_meshes(config, devices: int) -> list[dict]:

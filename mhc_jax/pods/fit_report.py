@@ -1,9 +1,49 @@
-"""A dry run's report in words (scripts/dry_run.py): memory per device by source, whether it fits,
-FLOPs per step and the days a token budget takes."""
+"""A dry run's report in words (scripts/dry_run.py): memory per device of every compiled step (train,
+eval, diagnostics), its temporaries by source, whether every step fits, FLOPs per step and the days
+a token budget takes."""
+
+STEP_COLUMNS = ("train", "eval", "diagnostics")  # aot.STEPS
+ROWS = (("parameters", "parameters"), ("optimizer_state", "optimizer state"), ("other_arguments", "other arguments"),
+        ("outputs_not_aliased", "outputs not aliased"), ("temporaries", "temporaries"))
+SOURCE_ROWS = (("saved_activations", "saved activations"), ("attention", "attention"),
+               ("moe_dispatch", "MoE dispatch"), ("logits_loss", "logits/loss"), ("other", "other"),
+               ("heap_fragmentation", "heap fragmentation"),
+               ("compiler_scratch", "compiler scratch"))  # memory_sources.SOURCES + REMAINDERS
 
 
 def size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    if abs(n) >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    if abs(n) >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if abs(n) >= 2**10 else f"{n:.0f} B"
+
+
+def steps_table(r: dict) -> list[str]:
+    """Rows: memory per device by kind, the temporaries by source indented under them (sources that
+    are 0 in every step left out), the total and its share of the chip; columns: the steps."""
+    steps = r["steps"]
+    lines = [f"  {'per device':<24}" + "".join(f"{step:>14}" for step in STEP_COLUMNS)]
+
+    def row(label, value_of):
+        cells = [value_of(steps[step]) if step in steps else None for step in STEP_COLUMNS]
+        return f"  {label:<24}" + "".join(f"{'-' if c is None else c:>14}" for c in cells)
+
+    def amount(key, within):
+        return lambda s: size(s[within][key]) if s.get(within) and key in s[within] else None
+
+    for key, label in ROWS:
+        lines.append(row(label, amount(key, "per_device")))
+        if key == "temporaries":
+            for source, source_label in SOURCE_ROWS:
+                if any((s.get("temporaries_by_source") or {}).get(source) for s in steps.values()):
+                    lines.append(row("  " + source_label, amount(source, "temporaries_by_source")))
+    lines.append(row("generated code", amount("generated_code", "per_device")))
+    total = r["memory_per_device"]
+    lines.append(row("total", lambda s: size(s["total_per_device"]) if "total_per_device" in s else None))
+    lines.append(row(f"share of {size(total)}",
+                     lambda s: f"{s['total_per_device'] / total:.0%}" if "total_per_device" in s else None))
+    return lines
 
 
 def count(n: float) -> str:
@@ -15,12 +55,22 @@ def report_text(spec: str, r: dict) -> str:
     """aot.dry_run's report `r` of config `spec`, as the lines dry_run.py prints."""
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
     lines = [f"{spec} on {r['topology']}: {r['devices']} devices of {size(r['memory_per_device'])}; "
-             f"mesh {mesh}; remat {r['remat']}; dtype {r['dtype']}", "  per device"]
-    lines += [f"  {name.replace('_', ' '):<24}{size(value):>12}" for name, value in r["per_device"].items()]
-    if "total_per_device" in r:
-        share = r["total_per_device"] / r["memory_per_device"]
-        lines.append(f"  {'total':<24}{size(r['total_per_device']):>12}  {share:.0%} of {size(r['memory_per_device'])}")
-    lines.append("FITS" if r["fits"] else f"DOES NOT FIT{': ' + r['reason'] if 'reason' in r else ''}")
+             f"mesh {mesh}; remat {r['remat']}; dtype {r['dtype']}"]
+    if "steps" in r:
+        lines += steps_table(r)
+        if any(s.get("temporaries_by_source") for s in r["steps"].values()):
+            lines.append("  temporaries by source: what is live at the step's peak (pods/memory_sources.py); "
+                         "eval and diagnostics count the optimizer state, which stays on the device")
+    else:
+        lines.append("  per device")
+        lines += [f"  {name.replace('_', ' '):<24}{size(value):>12}" for name, value in r["per_device"].items()]
+        if "total_per_device" in r:
+            share = r["total_per_device"] / r["memory_per_device"]
+            lines.append(f"  {'total':<24}{size(r['total_per_device']):>12}  {share:.0%} of "
+                         f"{size(r['memory_per_device'])}")
+    compiled = ", ".join(step for step in STEP_COLUMNS if step in r.get("steps", {}))
+    lines.append(f"FITS: every step ({compiled})" if r["fits"]
+                 else f"DOES NOT FIT{': ' + r['reason'] if 'reason' in r else ''}")
     if "model_flops_per_step" in r:
         lines.append(f"FLOPs per step: {r['model_flops_per_step']:.3e} (model, the MFU basis); XLA's cost_analysis "
                      f"{r['xla_flops_per_device']:.3e} per device (counts a scanned loop's body once)")

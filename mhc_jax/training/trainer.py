@@ -27,12 +27,20 @@ from jax.experimental import multihost_utils
 from mhc_jax import plots, sharding, workdirs
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
-from mhc_jax.model import residual
+from mhc_jax.model import attention_kernels, residual
 from mhc_jax.training import checkpoint, flops, runlog
 from mhc_jax.training.experiment import Experiment
 
 DEFAULT_DATA_DIR = "data/default"  # prepared with the default recipe when it is missing
-COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl")  # model fields a resumed run may change
+# Model fields a resumed run may change: how the same parameters are computed, not what they are.
+COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl", "attention_kernel", "moe.dispatch",
+                       "moe.capacity_factor")
+
+
+def flat(fields: dict, prefix: str = "") -> dict:
+    """{'moe': {'top_k': 8}} -> {'moe.top_k': 8}"""
+    return {k: v for name, value in fields.items()
+            for k, v in (flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name: value}).items()}
 
 
 class TrainingDiverged(Exception):
@@ -76,8 +84,10 @@ def check_same_data_everywhere(data_dir: Path, manifest: dict | None, problem: U
 
 
 def check_mesh(config, mesh) -> None:
-    """The batch must split over the data-parallel axes, the routed experts over the expert axis."""
+    """The batch must split over the data-parallel axes, the routed experts over the expert axis,
+    and the devices must run the attention kernel."""
     t, parallel = config.train, mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    attention_kernels.check_platform(config.model.attention_kernel, mesh.devices.flat[0].platform)
     n_experts = config.model.moe.n_experts
     if n_experts and n_experts % mesh.shape["expert"]:
         raise UserError(f"mesh.expert: {mesh.shape['expert']} does not divide model.moe.n_experts={n_experts}; "
@@ -100,7 +110,7 @@ def run_meta(config, manifest) -> dict:
 def checker(config, manifest, workdir):
     """Refuses a checkpoint from another experiment (different model or tokenizer)."""
     def check(meta):
-        saved, current = meta["config"]["model"], config.model.to_dict()
+        saved, current = flat(meta["config"]["model"]), flat(config.model.to_dict())
         differing = sorted(k for k in set(saved) | set(current)
                            if k not in COMPILE_ONLY_FIELDS and saved.get(k) != current.get(k))
         if differing:
