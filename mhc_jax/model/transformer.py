@@ -217,7 +217,12 @@ class Transformer(nnx.Module):
                 x_BTNC, written = block.decode(x_BTNC, LayerCache(entries, *layer_cache[1:]))
                 return x_BTNC, (None, None, written.entries)
             x_BTNC, trace, stats = block(x_BTNC)
-            return x_BTNC, (trace if return_trace else None, stats, None)
+            if not return_trace:
+                return x_BTNC, (None, stats, None)
+            # Split the maps [2, B, T, ...] over the batch: static maps are broadcast from parameters,
+            # and were otherwise held whole for the global batch on every device (27b: 755 GB).
+            maps = jax.tree.map(lambda a: sharding.constrain(a, (None, "batch") + (None,) * (a.ndim - 2)), trace.maps)
+            return x_BTNC, (trace._replace(maps=maps), stats, None)
 
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers)

@@ -129,7 +129,8 @@ def compile_step(step: str, function, args: tuple, resident: dict, memory_per_de
                 "reason": f"the compiler ran out of memory for the {step} step: {message.strip()}"}, None
     memory = compiled.memory_analysis()
     in_arguments = resident["parameters"] + (resident["optimizer_state"] if step == "train" else 0)
-    per_device = {**resident, "other_arguments": memory.argument_size_in_bytes - in_arguments,
+    # max: XLA drops parameters a step never reads (diagnostics: the head) from its arguments.
+    per_device = {**resident, "other_arguments": max(0, memory.argument_size_in_bytes - in_arguments),
                   "outputs_not_aliased": memory.output_size_in_bytes - memory.alias_size_in_bytes,
                   "temporaries": memory.temp_size_in_bytes, "generated_code": memory.generated_code_size_in_bytes}
     total = sum(per_device.values())
