@@ -6,8 +6,8 @@
   platform).
 - `cudnn`: cuDNN's flash attention (GPU, bfloat16 or float16).
 - `splash`: Pallas splash attention (TPU), run per device under `shard_map`.
-- `auto`: splash on TPU, cuDNN on GPU in bfloat16/float16 (blockwise in float32), and on CPU the
-  kernel measured faster there (CPU_KERNEL, docs/performance.md).
+- `auto`: splash on TPU, cuDNN on GPU in bfloat16/float16 (blockwise in float32), blockwise on
+  CPU (CPU_KERNEL: measured against xla in docs/performance.md).
 
 Training and scoring pass whole sequences (query t at slot t). Decoding passes the new tokens'
 first slot (`offset`) and each row's first real slot (`start_B`, left padding); splash and cuDNN
@@ -26,7 +26,7 @@ from mhc_jax.model import blockwise_attention
 
 KERNELS = ("auto", "xla", "blockwise", "cudnn", "splash")
 PLATFORM_ONLY = {"cudnn": "gpu", "splash": "tpu"}
-CPU_KERNEL = "xla"  # faster on CPU at the dense scales' lengths; blockwise within a few % (docs/performance.md)
+CPU_KERNEL = "blockwise"  # on CPU within 2.5% of xla at 256 positions, 17% faster at 1024 (docs/performance.md)
 SPLASH_TILE = 128
 
 
