@@ -1,6 +1,7 @@
 """Command-line plumbing shared by train.py, eval.py and scripts/: the --config flag and the
 user-error contract (one line on stderr naming the field or file and the fix, exit code 2)."""
 
+import errno
 import os
 import sys
 
@@ -63,6 +64,16 @@ def config_file_error(argv: list[str]) -> UserError:
     given = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     return UserError(f"--config: cannot read the config file {given.split(':')[0]!r}; "
                      "expected e.g. --config=configs/pretrain.py:mhc,debug")
+
+
+def check_creatable(folder: str) -> None:
+    """Raises the OSError that creating `folder` would, creating nothing: its nearest existing
+    ancestor must be a folder. For commands that work a long time before they write."""
+    ancestor = os.path.abspath(folder)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), ancestor)
 
 
 def path_error_line(error: OSError) -> str:

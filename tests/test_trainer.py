@@ -205,7 +205,7 @@ def test_microbatches_accumulate_to_the_full_batch_update():
     (whole, whole_params), (split, split_params) = results
     assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-4)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), split_params, whole_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-6), split_params, whole_params)
 
 
 TIMINGS = ("compile_seconds", "step_seconds", "tokens_per_sec", "mfu")
