@@ -45,7 +45,8 @@ def first_steps(case: str) -> dict:
     return steps
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if "moe_debug" in case else case
+                                  for case in CASES])
 def test_first_steps_match_the_golden_numbers(case):
     steps = first_steps(case)
     if os.environ.get("MHC_WRITE_GOLDEN"):

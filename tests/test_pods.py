@@ -225,7 +225,6 @@ def finished_sweep(tmp_path_factory, default_data):
     return root
 
 
-@pytest.mark.slow
 def second_seed(run: Path, eval_shift: float) -> None:
     """A copy of `run` as its seed 1 (what compare reads: config, data, metrics), its validation
     losses moved by `eval_shift`: two seeds to average without training two more runs."""
@@ -240,6 +239,7 @@ def second_seed(run: Path, eval_shift: float) -> None:
     (twin / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+@pytest.mark.slow
 def test_a_local_sweep_resumes_and_compare_reports_its_runs_own_numbers(finished_sweep, tmp_path):
     for variant, shift in (("residual", 0.25), ("mhc", -0.5)):
         second_seed(finished_sweep / f"{variant}-debug-seed0", shift)

@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from configs.pretrain import get_config
 from mhc_jax import sharding
 from mhc_jax.data import pipeline, prepare
+from mhc_jax.errors import UserError
 from mhc_jax.model.transformer import Transformer
 from mhc_jax.training import checkpoint, optim, trainer
 from mhc_jax.training.experiment import Experiment
@@ -239,3 +240,18 @@ def test_reading_metrics_one_step_late_logs_the_same_and_still_guards(tmp_path):
     with pytest.raises(trainer.TrainingDiverged, match="step 2: loss nan"):
         train_in_process(tmp_path / "diverged", data_dir, True, steps=6, lr=1e30, checkpoint_every=3)
     assert not [p for p in (tmp_path / "diverged" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_a_resume_may_change_how_the_model_computes_but_not_what_it_is():
+    """A checkpoint written before model.attention_kernel and model.moe.dispatch existed, or with
+    other values of them, resumes; one of a model with another width does not."""
+    config = get_config("mhc,moe_debug")
+    manifest = {"tokenizer": {"sha256": "t"}}
+    check = trainer.checker(config, manifest, "runs/x")
+    older = config.model.to_dict()
+    del older["attention_kernel"], older["moe"]["dispatch"]
+    check({"config": {"model": older}, "tokenizer_sha256": "t"})
+    check({"config": {"model": {**older, "attention_kernel": "xla", "moe": {**older["moe"], "dispatch": "capacity"}}},
+           "tokenizer_sha256": "t"})
+    with pytest.raises(UserError, match=r"model.moe.d_expert: 64 -> 32"):
+        check({"config": {"model": {**older, "moe": {**older["moe"], "d_expert": 64}}}, "tokenizer_sha256": "t"})
