@@ -12,6 +12,15 @@ from dataclasses import dataclass
 from mhc_jax.errors import UserError
 
 
+def flat(fields, prefix: str = "") -> dict:
+    """A config (ConfigDict or nested dicts) as {dotted field name: value}: {'moe': {'top_k': 8}} ->
+    {'moe.top_k': 8}."""
+    out = {}
+    for name, value in fields.items():
+        out.update(flat(value, f"{prefix}{name}.") if hasattr(value, "items") else {prefix + name: value})
+    return out
+
+
 @dataclass(frozen=True)
 class Number:
     """An int (or a float, where `kind` is float) in [low, high]; `above` / `below` make the low /

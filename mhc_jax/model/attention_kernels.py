@@ -79,10 +79,7 @@ def xla_or_cudnn(q_BTHJ, k_BSKJ, v_BSKD, scale, offset, start_B, implementation)
         out_BTHJ = jax.nn.dot_product_attention(q_BTHJ, k_BSKJ, v_BSKJ, scale=scale, is_causal=True,
                                                 implementation=implementation)
     else:
-        query_slot_T = offset + jnp.arange(q_BTHJ.shape[1])
-        key_slot_S = jnp.arange(k_BSKJ.shape[1])
-        mask_BTS = (key_slot_S[None, None, :] <= query_slot_T[None, :, None]) & \
-                   (key_slot_S[None, None, :] >= start_B[:, None, None])
+        mask_BTS = blockwise_attention.seen(offset + jnp.arange(q_BTHJ.shape[1]), jnp.arange(k_BSKJ.shape[1]), start_B)
         out_BTHJ = jax.nn.dot_product_attention(q_BTHJ, k_BSKJ, v_BSKJ, mask=mask_BTS[:, None], scale=scale,
                                                 implementation=implementation)
     return out_BTHJ[..., :D]

@@ -52,10 +52,13 @@ def scores(q_BtKUJ, k_BsKJ, q_first, k_first, start_B, scale):
     block (first slot k_first)."""
     t, s = q_BtKUJ.shape[1], k_BsKJ.shape[1]
     s_BKUts = jnp.einsum("btkuj,bskj->bkuts", q_BtKUJ, k_BsKJ, preferred_element_type=jnp.float32) * scale
-    q_slot_t, k_slot_s = q_first + jnp.arange(t), k_first + jnp.arange(s)
-    seen_Bts = ((k_slot_s[None, None, :] <= q_slot_t[None, :, None])
-                & (k_slot_s[None, None, :] >= start_B[:, None, None]))
-    return jnp.where(seen_Bts[:, None, None], s_BKUts, FLOOR)
+    return jnp.where(seen(q_first + jnp.arange(t), k_first + jnp.arange(s), start_B)[:, None, None], s_BKUts, FLOOR)
+
+
+def seen(query_slot_T, key_slot_S, start_B):
+    """[B, T, S]: query t sees key s when start_B[b] <= slot s <= its own slot (causal, left padding)."""
+    return ((key_slot_S[None, None, :] <= query_slot_T[None, :, None])
+            & (key_slot_S[None, None, :] >= start_B[:, None, None]))
 
 
 def sizes(q_BTKUJ, k_BSKJ, block):

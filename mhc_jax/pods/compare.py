@@ -14,7 +14,7 @@ import json
 import ml_collections
 import numpy as np
 
-from mhc_jax import workdirs
+from mhc_jax import validation, workdirs
 from mhc_jax.errors import UserError
 from mhc_jax.model import residual
 from mhc_jax.model.transformer import param_counts
@@ -94,20 +94,8 @@ def check_same_data(runs: list[RunResult]) -> None:
                             f"({run.data['dir']} vs {first.data['dir']}); compare runs on the same data only")
 
 
-def flat(config: ml_collections.ConfigDict) -> dict:
-    out = {}
-    def walk(prefix, value):
-        if isinstance(value, (dict, ml_collections.ConfigDict)):
-            for key, item in value.items():
-                walk(f"{prefix}{key}.", item)
-        else:
-            out[prefix[:-1]] = value
-    walk("", config)
-    return out
-
-
 def experiment_fields(config) -> dict:
-    return {k: v for k, v in flat(config).items()
+    return {k: v for k, v in validation.flat(config).items()
             if k not in SAME_EXPERIMENT and not k.startswith(SAME_EXPERIMENT_PREFIXES)}
 
 

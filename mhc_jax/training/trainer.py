@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from mhc_jax import plots, sharding, workdirs
+from mhc_jax import plots, sharding, validation, workdirs
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
 from mhc_jax.model import attention_kernels, residual
@@ -35,12 +35,6 @@ DEFAULT_DATA_DIR = "data/default"  # prepared with the default recipe when it is
 # Model fields a resumed run may change: how the same parameters are computed, not what they are.
 COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl", "attention_kernel", "moe.dispatch",
                        "moe.capacity_factor")
-
-
-def flat(fields: dict, prefix: str = "") -> dict:
-    """{'moe': {'top_k': 8}} -> {'moe.top_k': 8}"""
-    return {k: v for name, value in fields.items()
-            for k, v in (flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {prefix + name: value}).items()}
 
 
 class TrainingDiverged(Exception):
@@ -110,7 +104,7 @@ def run_meta(config, manifest) -> dict:
 def checker(config, manifest, workdir):
     """Refuses a checkpoint from another experiment (different model or tokenizer)."""
     def check(meta):
-        saved, current = flat(meta["config"]["model"]), flat(config.model.to_dict())
+        saved, current = validation.flat(meta["config"]["model"]), validation.flat(config.model)
         differing = sorted(k for k in set(saved) | set(current)
                            if k not in COMPILE_ONLY_FIELDS and saved.get(k) != current.get(k))
         if differing:
