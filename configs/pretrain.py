@@ -78,6 +78,8 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     moe.first_dense_layers = moe_shape["first_dense_layers"]  # leading layers with a dense MLP of width d_ff
     moe.routed_scale = 1.0  # multiplies the renormalized gates of the routed experts (V3's routed scaling factor)
     moe.dispatch = "dropless"  # 'dropless' (every assignment, sorted by expert into grouped matmuls) or 'capacity' (per-sequence capacity, drops the rest)
+    moe.exchange = "auto"  # dropless with experts split over mesh.expert: how rows reach their experts' devices: 'ragged_all_to_all' (TPU/GPU), 'all_gather' (the same exchange from all_gather, runs anywhere); auto: the first where it runs
+    moe.grouped_matmul = "auto"  # dropless: 'ragged_dot' (jax.lax.ragged_dot) or 'megablox' (ragged_dot with megablox's tgmm kernel for the weight gradient, TPU only); auto: megablox on TPU
     moe.capacity_factor = 1.25  # dispatch='capacity' only: per-sequence expert capacity ceil(f * T * top_k / n_experts); <= 0: capacity T
     moe.bias_update_rate = 1e-3  # gamma: after each step bias_i += gamma * sign(mean load - load_i) (V3: 0.001)
     moe.balance_loss_weight = 0.0  # weight of V3's complementary sequence-wise balance loss; 0: off

@@ -29,6 +29,8 @@ FIELD_RULES = {
     "model.moe.n_experts": COUNT, "model.moe.top_k": COUNT, "model.moe.n_shared": COUNT, "model.moe.d_expert": COUNT,
     "model.moe.first_dense_layers": COUNT, "model.moe.routed_scale": POSITIVE, "model.moe.capacity_factor": ANY,
     "model.moe.dispatch": Choice(moe.DISPATCHES),
+    "model.moe.exchange": Choice(moe.EXCHANGES),
+    "model.moe.grouped_matmul": Choice(("auto", *moe.GROUPED_MATMULS)),
     "model.moe.bias_update_rate": NON_NEGATIVE, "model.moe.balance_loss_weight": NON_NEGATIVE,
     "model.hc.dynamic": FLAG, "model.hc.use_tanh": FLAG, "model.hc.scale_init": ANY, "model.hc.out_proj_scale": POSITIVE,
     "model.mhc.alpha_init": ANY, "model.mhc.res_init_scale": ANY, "model.mhc.phi_init_scale": NON_NEGATIVE,

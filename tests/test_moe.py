@@ -4,6 +4,7 @@ and expert parallelism against one device (8 CPU devices: the model with expert 
 variant and data = expert = tensor = 2; the layer alone with expert = 4, 8 and tensor = 2). The
 parallel run's train.py end to end (resume, SIGTERM, eval.py) is in test_trainer_moe.py."""
 
+import functools
 import re
 import subprocess
 import sys
@@ -187,14 +188,13 @@ def mesh_of(sizes):
     return jax.make_mesh(sizes, sharding.MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
-@pytest.mark.parametrize("sizes, batch, gathered", [((1, 2, 4, 1), 8, True), ((1, 1, 8, 1), 8, True),
+@pytest.mark.parametrize("sizes, batch, exchanged", [((1, 2, 4, 1), 8, True), ((1, 1, 8, 1), 8, True),
                                                     ((1, 2, 4, 1), 3, False), ((1, 1, 4, 2), 4, True)])
-def test_a_dropless_layer_on_a_mesh_computes_what_it_does_on_one_device(sizes, batch, gathered):
-    """The layer alone, its output and input gradient: tokens gathered over the expert group and
-    reduce-scattered back (the batch splits over fsdp x expert: one reduce-scatter forward, two
-    backward for the tokens and gates), also with one expert and one sequence per device; every
-    device holding every token and a psum over `expert` (batch 3 splits over nothing); and the
-    expert width split over `tensor`."""
+def test_a_dropless_layer_on_a_mesh_computes_what_it_does_on_one_device(sizes, batch, exchanged):
+    """The layer alone, its output and input gradient: assignments exchanged with their experts'
+    devices and back (the batch splits over fsdp x expert), also with one expert and one sequence per
+    device; every device holding every token and a psum over `expert` (batch 3 splits over nothing);
+    and the expert width split over `tensor`."""
     layer = moe.MoE(moe_config(), out_std=1.0, rngs=nnx.Rngs(0))
     layer.router_bias[...] = jnp.linspace(-0.2, 0.2, 8)
     graphdef, state = nnx.split(layer)
@@ -211,9 +211,141 @@ def test_a_dropless_layer_on_a_mesh_computes_what_it_does_on_one_device(sizes, b
         step = jax.jit(output_and_input_gradient)
         hlo = step.lower(state, x_BTC).compile().as_text()
         results = step(state, x_BTC)
-    assert hlo_ops(hlo, "reduce-scatter", IN_MOE_SHARD_MAP) == (3 if gathered else 0)
     for result, reference in zip(results, expected):
         np.testing.assert_allclose(result, reference, rtol=1e-5, atol=1e-5)
+    assert (hlo_ops(hlo, "all-gather", IN_MOE_SHARD_MAP) > 0) == exchanged  # the exchange, all_gather on CPU
+
+
+def ragged_all_to_all_transcription(operands, outputs, input_offsets, send_sizes, output_offsets):
+    """jax.lax.ragged_all_to_all as its documentation states it, device by device in NumPy: slice i of
+    sender s (rows input_offsets[s, i] onward, send_sizes[s, i] of them) goes to device i // slices
+    per device, at row output_offsets[s, i] of its output."""
+    results = [o.copy() for o in outputs]
+    n, N = input_offsets.shape
+    for s in range(n):
+        for i in range(N):
+            start, size, place = input_offsets[s, i], send_sizes[s, i], output_offsets[s, i]
+            results[i // (N // n)][place:place + size] = operands[s][start:start + size]
+    return np.stack(results)
+
+
+def test_the_all_gather_exchange_is_ragged_all_to_all():
+    """ragged_all_to_all_by_gather (the exchange CPU meshes run) against the documented semantics, on
+    4 devices with 2 slices per device pair, gaps between the slices and a nonzero output (rows
+    nothing lands on keep it)."""
+    n, per, rows = 4, 2, 18  # a receiver gets at most 8 slices of 2 rows, after row 0
+    rng = np.random.default_rng(0)
+    send_sizes = rng.integers(0, 3, (n, n * per)).astype(np.int32)
+    input_offsets = np.cumsum(send_sizes + 1, axis=1) - send_sizes - 1  # a row of gap before each slice
+    per_receiver = send_sizes.reshape(n, n, per).transpose(1, 0, 2).reshape(n, n * per)  # receiver, (sender, slice)
+    places = (np.cumsum(per_receiver, axis=1) - per_receiver + 1).reshape(n, n, per).transpose(1, 0, 2)
+    output_offsets = places.reshape(n, n * per).astype(np.int32)  # received slices packed after row 0
+    operands = rng.normal(size=(n, 3 * n * per, 3)).astype(np.float32)
+    outputs = rng.normal(size=(n, rows, 3)).astype(np.float32)
+    recv_sizes = per_receiver.astype(np.int32)
+    exchange = jax.shard_map(lambda *a: moe.ragged_all_to_all_by_gather(*(x[0] for x in a))[None],
+                             mesh=jax.make_mesh((n,), ("expert",), devices=jax.devices()[:n],
+                                                            axis_types=(jax.sharding.AxisType.Auto,)),
+                             in_specs=jax.sharding.PartitionSpec("expert"), out_specs=jax.sharding.PartitionSpec("expert"))
+    result = jax.jit(exchange)(operands, outputs, input_offsets.astype(np.int32), send_sizes, output_offsets, recv_sizes)
+    expected = ragged_all_to_all_transcription(operands, outputs, input_offsets, send_sizes, output_offsets)
+    assert not np.array_equal(expected, outputs)
+    np.testing.assert_array_equal(np.asarray(result), expected)
+
+
+def evaluate_with_gathered_exchange(jaxpr, consts, *args) -> list:
+    """Evaluates a jaxpr as jax.core.eval_jaxpr does, except that every ragged_all_to_all (which
+    XLA:CPU cannot compile), in shard_map bodies and nested jits too, is computed by
+    moe.ragged_all_to_all_by_gather."""
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
+    read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]  # noqa: E731
+    for eqn in jaxpr.eqns:
+        inputs, params = [read(v) for v in eqn.invars], eqn.params
+        if eqn.primitive.name == "ragged_all_to_all":
+            assert params["axis_name"] == ("expert",)
+            outputs = [moe.ragged_all_to_all_by_gather(*inputs)]
+        elif eqn.primitive.name == "shard_map":
+            body = functools.partial(evaluate_with_gathered_exchange, params["jaxpr"], ())
+            outputs = jax.shard_map(body, mesh=params["mesh"], in_specs=params["in_specs"],
+                                    out_specs=list(params["out_specs"]), check_vma=params["check_vma"],
+                                    axis_names=set(params["newly_manual_axes"]))(*inputs)
+        elif eqn.primitive.name == "jit":
+            outputs = evaluate_with_gathered_exchange(params["jaxpr"].jaxpr, params["jaxpr"].consts, *inputs)
+        else:
+            with eqn.ctx.manager:
+                outputs = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(params))
+            outputs = outputs if eqn.primitive.multiple_results else [outputs]
+        env.update(zip(eqn.outvars, outputs))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def test_the_ragged_all_to_all_exchange_gives_one_devices_loss_and_gradients():
+    """exchange='ragged_all_to_all' (what TPU and GPU run) on 8 CPU devices, fsdp = 2 x expert = 4:
+    its gradient traced as jax writes it (the exchange's transpose by jax's rule), then evaluated
+    with each ragged_all_to_all computed by the all_gather exchange, equals one device's, weights
+    included."""
+    layer = moe.MoE(moe_config(exchange="ragged_all_to_all"), out_std=1.0, rngs=nnx.Rngs(0))
+    layer.router_bias[...] = jnp.linspace(-0.2, 0.2, 8)
+    graphdef, state = nnx.split(layer)
+    x_BTC = jax.random.normal(jax.random.PRNGKey(4), (8, 16, 64))
+    loss_and_grads = jax.value_and_grad(lambda state, x: jnp.sum(jnp.sin(nnx.merge(graphdef, state)(x)[0])),
+                                        argnums=(0, 1))
+    expected = jax.tree.leaves(jax.jit(loss_and_grads)(state, x_BTC))
+    with jax.set_mesh(mesh_of((1, 2, 4, 1))):
+        traced = jax.make_jaxpr(loss_and_grads)(state, x_BTC)
+        assert "ragged_all_to_all" in str(traced)
+        results = jax.jit(functools.partial(evaluate_with_gathered_exchange, traced.jaxpr, traced.consts))(
+            *jax.tree.leaves((state, x_BTC)))
+    assert len(results) == len(expected) == 10
+    for result, reference in zip(results, expected):
+        np.testing.assert_allclose(result, reference, rtol=1e-5, atol=5e-5)
+
+
+@pytest.mark.parametrize("experts_split", [True, False])
+def test_the_megablox_weight_gradient_is_ragged_dots(experts_split):
+    """ragged_dot_tgmm (tgmm in Pallas's interpreter) against jax.lax.ragged_dot, value and both
+    gradients, inside shard_map over 4 devices with 200 rows each (not whole tiles), an empty group
+    and rows past the groups: each device holding its own 3 experts (the weight gradient varies over
+    `expert`), or every device the same 3 (the weight gradient is the sum over devices)."""
+    n, R, K, N, E = 4, 200, 64, 96, 3
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n * R, K)).astype(np.float32)
+    w = rng.normal(size=((n if experts_split else 1) * E, K, N)).astype(np.float32)
+    sizes = np.array([[60, 0, 100], [200, 0, 0], [1, 2, 3], [0, 0, 150]], np.int32)
+    mesh = jax.make_mesh((n,), ("expert",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,))
+
+    def value_and_grads(matmul):
+        def total(x, w, sizes):
+            return jax.lax.psum(jnp.sum(jnp.sin(matmul(x, w, sizes[0]))), "expert")
+        split = jax.sharding.PartitionSpec("expert")
+        w_spec = split if experts_split else jax.sharding.PartitionSpec()
+        run = jax.shard_map(jax.value_and_grad(total, argnums=(0, 1)), mesh=mesh, in_specs=(split, w_spec, split),
+                            out_specs=(jax.sharding.PartitionSpec(), (split, w_spec)))
+        return jax.jit(run)(x, w, sizes)
+
+    expected = value_and_grads(jax.lax.ragged_dot)
+    result = value_and_grads(lambda x, w, sizes: moe.ragged_dot_tgmm(x, w, sizes, True))
+    empty_groups = (np.abs(np.asarray(expected[1][1])).max((1, 2)) == 0).sum()
+    assert empty_groups == (5 if experts_split else 0)  # the experts without rows on their device
+    for got, want in zip(jax.tree.leaves(result), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_an_exchange_or_grouped_matmul_the_devices_cannot_run_is_refused_in_one_line():
+    config = get_config("mhc,moe_debug")
+    config.model.moe.exchange = "ragged_all_to_all"
+    config.mesh.update(expert=2, fsdp=1)
+    with pytest.raises(UserError, match="^model.moe.exchange: 'ragged_all_to_all' runs on TPU and GPU only and this "
+                                        "run's devices are cpu; choose auto or all_gather$"):
+        trainer.check_mesh(config, mesh_of((1, 1, 2, 1)))
+    config.model.moe.update(exchange="auto", grouped_matmul="megablox")
+    with pytest.raises(UserError, match="^model.moe.grouped_matmul: 'megablox' runs on TPU only and this run's devices "
+                                        "are cpu; choose auto or ragged_dot$"):
+        trainer.check_mesh(config, mesh_of((1, 1, 2, 1)))
+    assert moe.choose_grouped_matmul("auto", "tpu") == "megablox"
+    assert moe.choose_grouped_matmul("auto", "gpu") == moe.choose_grouped_matmul("auto", "cpu") == "ragged_dot"
+    assert moe.choose_exchange("auto", "cpu") == "all_gather"
+    assert moe.choose_exchange("auto", "tpu") == moe.choose_exchange("auto", "gpu") == "ragged_all_to_all"
 
 
 # Meshes (data x fsdp x expert x tensor) beside one device: expert = 4 (x fsdp = 2) for every variant;
@@ -238,8 +370,8 @@ def loss_and_grads_on(config, sizes, params, tokens):
 def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device(variant):
     """The same parameters and batch on one device and on 8. Gradients: the whole gradient, and every
     leaf above a thousandth of its norm, within 1e-5 relative (the leaves below, HC's static_alpha_m,
-    are float cancellation, tiny on any mesh). Dropless expert parallelism all-gathers the tokens and
-    reduce-scatters the outputs over `expert`, with no all-to-all."""
+    are float cancellation, tiny on any mesh). Dropless expert parallelism on CPU exchanges rows by
+    all_gather (its backward reduce-scatters), with no all-to-all."""
     tokens = np.random.default_rng(0).integers(0, 512, (8, 65), dtype=np.int32)
     config = get_config(f"{variant},moe_debug")
     assert config.model.moe.dispatch == "dropless"

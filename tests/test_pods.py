@@ -51,6 +51,10 @@ def test_debug_scales_fit_simulated_cpus_and_a_tpu_slice():
         assert report["steps"]["train"]["temporaries_by_source"]["saved_activations"] > 0
     assert report["mesh"]["expert"] == 2 and report["dtype"] == "bfloat16" and report["days"] > 0
     assert report["attention_kernel"] == "splash"  # 'auto' on a TPU: the Pallas kernel, compiled for it
+    assert report["moe_exchange"] == "ragged_all_to_all"  # and XLA's ragged all-to-all, forward and backward
+    assert report["moe_grouped_matmul"] == "megablox"  # the weight gradient in megablox's Pallas kernel
+    assert report["steps"]["train"]["collectives"]["ragged-all-to-all"] == 2 * report["steps"]["eval"]["collectives"][
+        "ragged-all-to-all"] > 0
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ own FLOP count (`cost_analysis()`) is shown beside it, though it counts a scanne
 
 import hashlib
 import math
+import re
 import time
 
 import jax
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 from mhc_jax import sharding
 from mhc_jax.errors import UserError
-from mhc_jax.model import attention_kernels
+from mhc_jax.model import attention_kernels, moe
 from mhc_jax.pods import memory_sources, topology
 from mhc_jax.training import flops, trainer
 from mhc_jax.training.experiment import Experiment
@@ -38,10 +39,12 @@ def bytes_per_device(abstract_tree) -> int:
 
 
 def resolve_auto(config, target: topology.Topology) -> None:
-    """Decide the 'auto' dtype (bfloat16 on accelerators) and attention kernel for the target, not
-    for this machine."""
+    """Decide the 'auto' dtype (bfloat16 on accelerators), attention kernel, MoE exchange and grouped
+    matmul for the target, not for this machine."""
     m = config.model
     m.attention_kernel = attention_kernels.choose(m.attention_kernel, target.platform, m.dtype)
+    m.moe.exchange = moe.choose_exchange(m.moe.exchange, target.platform)
+    m.moe.grouped_matmul = moe.choose_grouped_matmul(m.moe.grouped_matmul, target.platform)
     if m.dtype == "auto":
         m.dtype = "float32" if target.platform == "cpu" else "bfloat16"
 
@@ -60,6 +63,7 @@ def dry_run(config, target: topology.Topology, devices: list, mfu: float, steps:
     per_device = {"parameters": bytes_per_device(state["params"]), "optimizer_state": bytes_per_device(state["opt"])}
     report = {"topology": target.name, "devices": len(devices), "mesh": dict(mesh.shape), "remat": config.model.remat,
               "dtype": config.model.dtype, "attention_kernel": config.model.attention_kernel,
+              "moe_exchange": config.model.moe.exchange, "moe_grouped_matmul": config.model.moe.grouped_matmul,
               "memory_per_device": target.memory_per_device}
     if per_device["parameters"] + per_device["optimizer_state"] > target.memory_per_device:
         report.update(per_device=per_device, total_per_device=per_device["parameters"] + per_device["optimizer_state"],
@@ -136,13 +140,22 @@ def compile_step(step: str, function, args: tuple, resident: dict, memory_per_de
     total = sum(per_device.values())
     report = {"per_device": per_device, "total_per_device": total, "fits": total <= memory_per_device,
               "temporaries_by_source": sources and sources["by_source"],
-              "largest_temporaries": sources and sources["largest"],
+              "largest_temporaries": sources and sources["largest"], "collectives": collectives(compiled.as_text()),
               "compile_seconds": round(time.perf_counter() - start, 1)}
     if not report["fits"]:
         report["reason"] = f"the {step} step needs {total / 2**30:.2f} GiB per device"
     if key is not None:
         COMPILED[key] = report
     return report, compiled
+
+
+COLLECTIVE_OPS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
+
+
+def collectives(hlo: str) -> dict:
+    """How many of each collective op the compiled program has (synchronous or started async)."""
+    found = re.findall(r"\s(" + "|".join(COLLECTIVE_OPS) + r")(?:-start)?\(", hlo)
+    return {op: found.count(op) for op in COLLECTIVE_OPS if op in found}
 
 
 def candidate_meshes(config, devices: int) -> list[dict]:

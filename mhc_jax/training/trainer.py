@@ -27,13 +27,14 @@ from jax.experimental import multihost_utils
 from mhc_jax import plots, sharding, validation, workdirs
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
-from mhc_jax.model import attention_kernels, residual
+from mhc_jax.model import attention_kernels, moe, residual
 from mhc_jax.training import checkpoint, flops, runlog
 from mhc_jax.training.experiment import Experiment
 
 DEFAULT_DATA_DIR = "data/default"  # prepared with the default recipe when it is missing
 # Model fields a resumed run may change: how the same parameters are computed, not what they are.
-COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl", "attention_kernel", "moe.dispatch",
+COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl", "attention_kernel", "moe.dispatch", "moe.exchange",
+                       "moe.grouped_matmul",
                        "moe.capacity_factor")
 
 
@@ -81,7 +82,9 @@ def check_mesh(config, mesh) -> None:
     """The batch must split over the data-parallel axes, the routed experts over the expert axis,
     and the devices must run the attention kernel."""
     t, parallel = config.train, mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-    attention_kernels.check_platform(config.model.attention_kernel, mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    attention_kernels.check_platform(config.model.attention_kernel, platform)
+    moe.check_platform(config.model.moe, platform)
     n_experts = config.model.moe.n_experts
     if n_experts and n_experts % mesh.shape["expert"]:
         raise UserError(f"mesh.expert: {mesh.shape['expert']} does not divide model.moe.n_experts={n_experts}; "
