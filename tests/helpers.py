@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tokenizers
 from flax import nnx
 
 from configs.pretrain import get_config
@@ -154,3 +155,23 @@ def stop_with_sigterm(process, workdir, after_lines: int) -> None:
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
+
+
+DEEPSEEK_EOS = "<｜end▁of▁sentence｜>"
+
+
+def deepseek_style_tokenizer(folder: Path, with_config: bool = True) -> Path:
+    """A byte-level BPE trained here whose end of text is DeepSeek-V3's token, named only by the
+    tokenizer_config.json beside it, as DeepSeek ships its tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.train_from_iterator(corpus_documents(), tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<｜begin▁of▁sentence｜>", DEEPSEEK_EOS], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    backend.save(str(folder / "tokenizer.json"))
+    if with_config:
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": {"content": "<｜begin▁of▁sentence｜>"}, "eos_token": {"content": DEEPSEEK_EOS}}))
+    return folder / "tokenizer.json"

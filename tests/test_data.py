@@ -171,3 +171,8 @@ def test_bench_times_the_values_of_one_field(dataset):
         tokens = 8 * configs[name].train.seq_len
         assert timing["tokens_per_sec"] == pytest.approx(tokens / timing["step_seconds"], rel=0.01)
     assert report["contenders"]["train.seq_len=32"]["step_time_vs_baseline"] == 1.0
+
+
+def test_epochs_count_passes_over_the_shuffled_examples():
+    assert [pipeline.epoch_of(step, 4, 10) for step in range(8)] == [1, 1, 1, 2, 2, 2, 3, 3]  # steps 3 and 6 cross
+    assert pipeline.epoch_of(5, 2, 10) == 1 and pipeline.epoch_of(6, 2, 10) == 2

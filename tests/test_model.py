@@ -44,13 +44,19 @@ def reference_outputs(variant, tokens_key):
     return model(tokens), *loss_and_grads(model, tokens)
 
 
-@pytest.mark.parametrize("scan_layers, remat", [(True, "none"), (True, "full"), (True, "dots"), (False, "full")],
-                         ids=["scanned-none", "scanned-full", "scanned-dots", "unrolled-full"])
-@pytest.mark.parametrize("variant", ["residual", "hc", "hc_static", "mhc"])
-def test_fast_sites_and_compile_switches_keep_logits_and_gradients(variant, scan_layers, remat):
-    """The fast residual sites, scanned or not, under every remat policy, give the reference's
-    logits and gradients (relative 1e-5 in float32). Unrolled layers are checked under the policy
-    that rematerializes most (the others differ from it only in what they save)."""
+SWITCHES = {"scanned-none": (True, "none"), "scanned-full": (True, "full"), "scanned-dots": (True, "dots"),
+            "unrolled-full": (False, "full")}
+CASES = [(v, "scanned-none") for v in ("residual", "hc_static")] + [(v, s) for v in ("hc", "mhc") for s in SWITCHES]
+
+
+@pytest.mark.parametrize("variant, switches", CASES, ids=[f"{v}-{s}" for v, s in CASES])
+def test_fast_sites_and_compile_switches_keep_logits_and_gradients(variant, switches):
+    """The fast residual sites give the reference's logits and gradients (relative 1e-5 in float32):
+    every variant scanned without remat, and the two with input-dependent maps also under every
+    remat policy and unrolled (remat and scanning wrap the layer whatever its residual connection).
+    Unrolled layers are checked under the policy that rematerializes most (the others differ from
+    it only in what they save)."""
+    scan_layers, remat = SWITCHES[switches]
     tokens = random_tokens(512, length=17, seed=5)
     ref_logits, ref_loss, ref_grads = reference_outputs(variant, 5)
     fast = make_model(variant, {"site_impl": "fast", "scan_layers": scan_layers, "remat": remat})

@@ -2,9 +2,12 @@
 
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import datasets
@@ -13,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sentencepiece
-from helpers import assert_user_error, corpus_documents
+from helpers import DEEPSEEK_EOS, assert_user_error, corpus_documents, deepseek_style_tokenizer
 
-from mhc_jax.data import corpus, pipeline, prepare
+from mhc_jax.data import corpus, pipeline, prepare, throughput
 from mhc_jax.data.tokenizer import gpt2_tokenizer, load_tokenizer, train_bpe
 from mhc_jax.errors import UserError
 
@@ -174,7 +177,7 @@ def run_prepare(*args):
 
 
 def no_leftovers(parent: Path) -> bool:
-    return not [p for p in parent.iterdir() if ".partial-" in p.name or ".replaced-" in p.name]
+    return not [p for p in parent.iterdir() if ".partial" in p.name or ".replaced-" in p.name]
 
 
 @pytest.mark.slow
@@ -210,3 +213,131 @@ def test_a_different_dataset_is_kept_unless_overwrite(tmp_path):
     (stranger / "notes.txt").write_text("mine")
     assert_user_error(run_prepare(f"--out={stranger}", f"--source={source}"), "not a dataset")
     assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def mixed_sources(folder: Path) -> list[Path]:
+    """A jsonl file and a parquet file of 50-row row groups: with unit_bytes=20000, about 40 units,
+    the jsonl cut in byte ranges and the parquet in runs of row groups."""
+    folder.mkdir(parents=True, exist_ok=True)
+    documents = corpus_documents(3000)
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    pq.write_table(pa.table({"text": documents[:500]}), folder / "docs.parquet", row_group_size=50)
+    return [folder / "docs.jsonl", folder / "docs.parquet"]
+
+
+MIXED = ("--vocab_size=400", "--val_fraction=0.25", "--unit_bytes=20000")
+
+
+def folder_contents(out: Path) -> tuple[str, dict, dict]:
+    """What must not depend on how a folder was made: the data fingerprint, every file but the
+    manifest byte for byte, and the manifest but its command and date."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
+    return pipeline.fingerprint(manifest), files, {k: v for k, v in manifest.items() if k not in ("command", "created")}
+
+
+@pytest.mark.slow
+def test_workers_and_hosts_make_the_same_folder(tmp_path):
+    """The same folder from this process alone, from 2 worker processes, and from 2 processes
+    (hosts) sharing the output, each with its own workers."""
+    sources = mixed_sources(tmp_path / "sources")
+    source_flag = "--source=" + ",".join(map(str, sources))
+    reference = tmp_path / "one"
+    units = build(reference, sources, vocab_size=400, val_fraction=0.25, unit_bytes=20000)["plan"]["units"]
+    assert units > 20
+    result = run_prepare(f"--out={tmp_path / 'workers'}", source_flag, *MIXED, "--workers=2")
+    assert result.returncode == 0, result.stderr
+    hosts = [subprocess.Popen([sys.executable, "scripts/prepare_data.py", f"--out={tmp_path / 'hosts'}", source_flag,
+                               *MIXED, "--workers=1", "--num_processes=2", f"--process_id={i}"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 0)]
+    outputs = [host.communicate(timeout=300) for host in hosts]
+    assert [host.returncode for host in hosts] == [0, 0], outputs
+    assert "process 1 prepared its units" in outputs[0][0]
+    expected = folder_contents(reference)
+    assert folder_contents(tmp_path / "workers") == expected
+    assert folder_contents(tmp_path / "hosts") == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hosts", "one", "sources", "workers"]  # no partial folder
+
+
+@pytest.mark.slow
+def test_killed_at_random_points_it_resumes_to_the_same_folder(tmp_path):
+    """kill -9 of the whole process group (the command and its workers) at two random moments, each
+    followed by the same command run to the end: the folder of an uninterrupted run."""
+    source_flag = "--source=" + ",".join(map(str, mixed_sources(tmp_path / "sources")))
+    command = [sys.executable, "scripts/prepare_data.py", source_flag, *MIXED, "--workers=2"]
+    start = time.time()
+    assert subprocess.run([*command, f"--out={tmp_path / 'whole'}"], cwd=ROOT, capture_output=True).returncode == 0
+    duration = time.time() - start
+    expected = folder_contents(tmp_path / "whole")
+    rng = np.random.default_rng(int(time.time()))
+    for attempt, delay in enumerate(rng.uniform(0.2 * duration, 0.9 * duration, size=2)):
+        out = tmp_path / f"killed-{attempt}"
+        process = subprocess.Popen([*command, f"--out={out}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        assert not out.exists() or folder_contents(out) == expected, delay  # never half-written
+        result = subprocess.run([*command, f"--out={out}"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, (delay, result.stderr)
+        assert folder_contents(out) == expected, delay
+
+
+def test_a_finished_folder_is_recognised_without_reading_the_sources(tmp_path, monkeypatch):
+    source = write_source(tmp_path / "source", "jsonl")
+    build(tmp_path / "data", [source])
+
+    def unreadable(*args):
+        raise AssertionError("a source was read")
+
+    monkeypatch.setattr(corpus, "piece_texts", unreadable)
+    _, built = prepare.prepare(tmp_path / "data", prepare.Recipe(sources=(str(source),), **SMALL), command="test")
+    assert not built
+    os.utime(source, ns=(0, 0))  # a source that may have changed: built again (and read)
+    with pytest.raises(AssertionError, match="a source was read"):
+        prepare.prepare(tmp_path / "data", prepare.Recipe(sources=(str(source),), **SMALL), command="test",
+                        overwrite=True)
+
+
+def test_a_source_that_vanishes_mid_preparation_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    sources = [write_source(tmp_path / f"source-{i}", "jsonl") for i in range(2)]
+    read = corpus.piece_texts
+
+    def vanishing(piece, *args):
+        sources[1].unlink(missing_ok=True)  # while the first is read, the second goes
+        return read(piece, *args)
+
+    monkeypatch.setattr(corpus, "piece_texts", vanishing)
+    with pytest.raises(UserError, match=f"^--source: {sources[1]} disappeared while the data was being prepared"):
+        build(tmp_path / "data", sources)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source-0", "source-1"]
+
+
+def test_a_tokenizer_names_its_end_of_text_in_its_config_or_on_the_command_line(tmp_path):
+    bare = deepseek_style_tokenizer(tmp_path / "bare", with_config=False)
+    with pytest.raises(UserError, match="no end-of-text token .* name it with --eos_token"):
+        load_tokenizer(bare)
+    assert load_tokenizer(bare, DEEPSEEK_EOS).eos_id == 1
+    with pytest.raises(UserError, match="^--eos_token: '<eot>' is not a token of this tokenizer"):
+        load_tokenizer(bare, "<eot>")
+    source = write_source(tmp_path / "source", "jsonl")
+    recipe = prepare.Recipe(sources=(str(source),), tokenizer=str(deepseek_style_tokenizer(tmp_path / "ds")),
+                            val_fraction=0.25)
+    manifest, _ = prepare.prepare(tmp_path / "data", recipe, command="test")
+    assert manifest["tokenizer"]["eos_token"] == DEEPSEEK_EOS and manifest["tokenizer"]["eos_id"] == 1
+    assert split_documents(tmp_path / "data", manifest, "train") == [
+        d for d in DOCUMENTS if not prepare.in_validation(d, 0.25)]
+    with pytest.raises(UserError, match="^--eos_token: names the end-of-text token of a tokenizer file"):
+        prepare.prepare(tmp_path / "bpe", prepare.Recipe(sources=(str(source),), eos_token=DEEPSEEK_EOS, **SMALL),
+                        command="test")
+
+
+@pytest.mark.slow
+def test_the_data_benchmark_tokenizes_what_prepare_writes(tmp_path):
+    source = write_source(tmp_path / "source", "jsonl")
+    result = throughput.benchmark([1, 2], 0, str(source), unit_bytes=4096)
+    manifest = build(tmp_path / "data", [source], tokenizer="gpt2", unit_bytes=4096)
+    tokens = sum(split["tokens"] for split in manifest["splits"].values())
+    assert [(row["workers"], row["units"], row["tokens"]) for row in result["rows"]] == [
+        (1, manifest["plan"]["units"], tokens), (2, manifest["plan"]["units"], tokens)]
+    assert manifest["plan"]["units"] > 2 and all(row["peak_worker_bytes"] > 50 << 20 for row in result["rows"])

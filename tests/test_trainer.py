@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import (
+    DEEPSEEK_EOS,
     STRAIGHT,
     assert_user_error,
     corpus_documents,
     debug_model_config,
+    deepseek_style_tokenizer,
     losses,
     prepare_small_corpus,
     records,
@@ -27,6 +29,7 @@ from configs.pretrain import get_config
 from mhc_jax import sharding
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
+from mhc_jax.evals import harness
 from mhc_jax.model.transformer import Transformer
 from mhc_jax.training import checkpoint, optim, trainer
 from mhc_jax.training.experiment import Experiment
@@ -153,8 +156,10 @@ def test_bad_inputs(straight_run, default_data, tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents()))
     prepare.prepare(other, prepare.Recipe(sources=(str(tmp_path / "docs.jsonl"),), vocab_size=300, val_fraction=0.5),
                     command="test")
-    assert_user_error(run_train(straight_run, *STRAIGHT, "--config.model.vocab_size=32768", data_dir=other),
-                      "different tokenizer")
+    result = run_train(straight_run, *STRAIGHT, data_dir=other)  # its vocab_size differs too: the data is named
+    assert_user_error(result, f"data.dir: {other} was prepared with another tokenizer (300 tokens", "(32768 tokens",
+                      "point data.dir at")
+    assert "delete" not in result.stderr
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").glob("checkpoints/*"))
 
 
@@ -255,3 +260,29 @@ def test_a_resume_may_change_how_the_model_computes_but_not_what_it_is():
            "tokenizer_sha256": "t"})
     with pytest.raises(UserError, match=r"model.moe.d_expert: 64 -> 32"):
         check({"config": {"model": {**older, "moe": {**older["moe"], "d_expert": 64}}}, "tokenizer_sha256": "t"})
+
+
+@pytest.mark.slow
+def test_a_deepseek_style_tokenizer_trains_over_epochs_and_evaluates(tmp_path, capsys):
+    """Data made with a tokenizer whose end of text only its tokenizer_config.json names, trained in
+    batches of 16 windows of 64 tokens over a train split of 32 to 95 of them: an epoch ends every 2
+    to 6 steps, and the record of every step that starts one is written (log_every 100) and
+    announced; the evaluation harness reads the workdir's tokenizer with that end of text."""
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents(100)))
+    recipe = prepare.Recipe(sources=(str(tmp_path / "docs.jsonl"),), val_fraction=0.2,
+                            tokenizer=str(deepseek_style_tokenizer(tmp_path / "deepseek")))
+    manifest, _ = prepare.prepare(tmp_path / "data", recipe, command="test")
+    examples = pipeline.train_examples(manifest, 64)
+    assert 32 < examples < 96
+    train_in_process(tmp_path / "run", tmp_path / "data", False, steps=12, seq_len=64, batch_size=16, log_every=100,
+                     eval_every=100, diag_every=100, checkpoint_every=12)
+    starts = [s for s in range(1, 13) if pipeline.epoch_of(s, 16, examples) > pipeline.epoch_of(s - 1, 16, examples)]
+    logged = {r["step"]: r["epoch"] for r in records(tmp_path / "run")}
+    assert len(starts) >= 2 and set(starts) <= set(logged)
+    assert [logged[s] for s in starts] == list(range(2, 2 + len(starts)))
+    err = capsys.readouterr().err
+    for step in starts:
+        assert f"step {step}: epoch {logged[step]} begins: the {examples:,} training examples are read again" in err
+    meta = checkpoint.Checkpoints(tmp_path / "run", create=False).read_meta(12)
+    tokenizer = harness.load_workdir_tokenizer(tmp_path / "run", meta)
+    assert tokenizer.eos_token == DEEPSEEK_EOS and tokenizer.eos_id == 1

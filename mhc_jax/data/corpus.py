@@ -12,6 +12,12 @@ A source is one of
 
 Reading streams and is deterministic: the same sources give the same documents in the same order.
 Bytes that are not UTF-8 become U+FFFD and are counted (`SourceStats.invalid_utf8`).
+
+Work units (`plan`): the documents in order, cut into units of about `unit_bytes` of source that
+can be read independently: consecutive small files of a source together, an uncompressed jsonl
+file in byte ranges (a line belongs to the range it starts in), a parquet file in runs of row
+groups. A .gz file or a text file is read whole by one unit, but streamed (never held in memory
+whole, except a text file's one document). The plan depends only on the files' names and sizes.
 """
 
 import dataclasses
@@ -52,6 +58,62 @@ class SourceStats:
     def record(self) -> dict:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hasher"}
         return {**fields, "sha256": self.hasher.hexdigest()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A file, or a part of one: bytes [start, stop) of a jsonl file (the lines that start there),
+    row groups [start, stop) of a parquet file; a whole file has start 0, stop -1."""
+    path: str
+    reader: str
+    start: int = 0
+    stop: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """Consecutive documents of one source, read by one worker."""
+    source: str
+    pieces: tuple[Piece, ...]
+
+
+def plan(sources: list[str], unit_bytes: int) -> list[Unit]:
+    """The work units of `sources`, in document order."""
+    units = []
+    for source in sources:
+        group, group_bytes = [], 0
+        for path, reader in source_files(source):
+            size = path.stat().st_size
+            pieces = split_file(path, reader, size, unit_bytes)
+            if len(pieces) > 1:
+                units += [Unit(source, tuple(group))] if group else []
+                units += [Unit(source, (piece,)) for piece in pieces]
+                group, group_bytes = [], 0
+                continue
+            group.append(pieces[0])
+            group_bytes += size
+            if group_bytes >= unit_bytes:
+                units.append(Unit(source, tuple(group)))
+                group, group_bytes = [], 0
+        if group:
+            units.append(Unit(source, tuple(group)))
+    return units
+
+
+def split_file(path: Path, reader: str, size: int, unit_bytes: int) -> list[Piece]:
+    """A file in pieces of about unit_bytes: jsonl by byte ranges, parquet by row groups; others whole."""
+    if size <= unit_bytes or reader not in ("jsonl", "parquet") or path.name.endswith(".gz"):
+        return [Piece(str(path), reader)]
+    if reader == "jsonl":
+        return [Piece(str(path), reader, start, min(start + unit_bytes, size)) for start in range(0, size, unit_bytes)]
+    metadata = pq.ParquetFile(path).metadata
+    pieces, first, run_bytes = [], 0, 0
+    for group in range(metadata.num_row_groups):
+        run_bytes += metadata.row_group(group).total_byte_size
+        if run_bytes >= unit_bytes or group == metadata.num_row_groups - 1:
+            pieces.append(Piece(str(path), reader, first, group + 1))
+            first, run_bytes = group + 1, 0
+    return pieces
 
 
 def stdlib_files() -> list[Path]:
@@ -106,26 +168,30 @@ def decode(data: bytes, stats: SourceStats) -> str:
     return text
 
 
-def json_text(line: str, text_field: str, where: str) -> str:
+def json_text(line: str, text_field: str, where) -> str:
+    """The text field of a jsonl line; `where()` names the line in an error."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        raise UserError(f"{where()}: not valid JSON ({e.msg})") from None
     if not isinstance(record, dict) or text_field not in record:
-        raise UserError(f"{where}: no field {text_field!r}; choose the text field with --text_field")
+        raise UserError(f"{where()}: no field {text_field!r}; choose the text field with --text_field")
     if not isinstance(record[text_field], str):
-        raise UserError(f"{where}: field {text_field!r} is a {type(record[text_field]).__name__}, not a string")
+        raise UserError(f"{where()}: field {text_field!r} is a {type(record[text_field]).__name__}, not a string")
     return record[text_field]
 
 
-def column_texts(path: Path, data: bytes, reader: str, text_field: str) -> Iterator[str]:
-    if reader == "arrow":
-        batches = pa.ipc.open_stream(pa.BufferReader(data))
+def column_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
+    """A parquet piece's row groups, or a Hugging Face arrow file, batch by batch."""
+    path = Path(piece.path)
+    if piece.reader == "arrow":
+        batches = pa.ipc.open_stream(pa.memory_map(str(path)))
         names = batches.schema.names
     else:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
+        parquet = pq.ParquetFile(path)
         names = parquet.schema_arrow.names
-        batches = parquet.iter_batches(columns=[text_field]) if text_field in names else []
+        groups = range(piece.start, parquet.metadata.num_row_groups if piece.stop < 0 else piece.stop)
+        batches = parquet.iter_batches(row_groups=groups, columns=[text_field]) if text_field in names else []
     if text_field not in names:
         raise UserError(f"{path}: no column {text_field!r} (it has {', '.join(names)}); "
                         "choose it with --text_field")
@@ -133,36 +199,76 @@ def column_texts(path: Path, data: bytes, reader: str, text_field: str) -> Itera
         for text in batch.column(text_field).to_pylist():
             if not isinstance(text, str):
                 raise UserError(f"{path}: column {text_field!r} holds {type(text).__name__}, not strings")
+            encoded = text.encode("utf-8", "surrogatepass")
+            stats.bytes += len(encoded)
+            stats.hasher.update(encoded)
             yield text
 
 
-def file_texts(path: Path, reader: str, text_field: str, stats: SourceStats) -> Iterator[str]:
+def piece_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
+    """The texts of one piece, streamed; its bytes (as read) go into stats."""
+    path = Path(piece.path)
+    stats.files += piece.start == 0
+    if piece.reader in ("arrow", "parquet"):
+        yield from column_texts(piece, text_field, stats)
+    elif piece.reader == "jsonl":
+        yield from jsonl_texts(piece, text_field, stats)
+    else:
+        data = gzip.decompress(read_counted(path, stats)) if path.name.endswith(".gz") else read_counted(path, stats)
+        text = decode(data, stats)
+        yield from text.split("\x1f") if piece.reader == "info" else [text]  # GNU info: one document per node
+
+
+def read_counted(path: Path, stats: SourceStats) -> bytes:
     data = path.read_bytes()
-    stats.files += 1
     stats.bytes += len(data)
     stats.hasher.update(data)
-    if reader in ("arrow", "parquet"):
-        yield from column_texts(path, data, reader, text_field)
-        return
-    if path.name.endswith(".gz"):
-        data = gzip.decompress(data)
-    if reader == "info":  # GNU info: one document per node; nodes are separated by \x1f
-        yield from decode(data, stats).split("\x1f")
-    elif reader == "jsonl":
-        for line_number, line in enumerate(data.splitlines(), 1):
+    return data
+
+
+def jsonl_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
+    """The lines that start in the piece's byte range, one at a time (gz: the whole file, streamed)."""
+    path = Path(piece.path)
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+        if piece.start:
+            f.seek(piece.start - 1)
+            f.readline()  # the end of a line that started before the range
+        while piece.stop < 0 or f.tell() < piece.stop:
+            at = f.tell()
+            line = f.readline()
+            if not line:
+                break
+            stats.bytes += len(line)
+            stats.hasher.update(line)
             if line.strip():
-                yield json_text(decode(line, stats), text_field, f"{path}:{line_number}")
-    else:
-        yield decode(data, stats)
+                yield json_text(decode(line, stats), text_field, lambda: f"{path}:{line_number(path, at)}")
+
+
+def line_number(path: Path, offset: int) -> int:
+    """The number of the line starting at byte `offset` (counted only for an error message)."""
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            return f.read(offset).count(b"\n") + 1
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def unit_documents(unit: Unit, text_field: str, stats: SourceStats) -> Iterator[str]:
+    """The non-empty documents of a unit, in order, counted into `stats`."""
+    for piece in unit.pieces:
+        try:
+            for text in piece_texts(piece, text_field, stats):
+                if text.strip():
+                    stats.documents += 1
+                    yield text
+        except FileNotFoundError:
+            raise UserError(f"--source: {piece.path} disappeared while the data was being prepared; run the "
+                            "command again once the sources are settled") from None
 
 
 def documents(sources: list[str], text_field: str, stats: list[SourceStats]) -> Iterator[str]:
     """The non-empty documents of all sources, in order; appends one SourceStats per source."""
     for source in sources:
-        source_stats = SourceStats(source)
-        stats.append(source_stats)
+        stats.append(SourceStats(source))
         for path, reader in source_files(source):
-            for text in file_texts(path, reader, text_field, source_stats):
-                if text.strip():
-                    source_stats.documents += 1
-                    yield text
+            yield from unit_documents(Unit(source, (Piece(str(path), reader),)), text_field, stats[-1])

@@ -54,7 +54,7 @@ def fingerprint(manifest: dict) -> str:
 
 
 def load_data_tokenizer(data_dir: str | Path, manifest: dict) -> Tokenizer:
-    return load_tokenizer(Path(data_dir) / manifest["tokenizer"]["file"])
+    return load_tokenizer(Path(data_dir) / manifest["tokenizer"]["file"], manifest["tokenizer"]["eos_token"])
 
 
 def resolve_vocab_size(model_vocab_size: int, manifest: dict, overridden: bool) -> int:
@@ -70,15 +70,19 @@ def resolve_vocab_size(model_vocab_size: int, manifest: dict, overridden: bool) 
 
 
 class TokenWindows(grain.sources.RandomAccessDataSource):
-    """Example i of a split: its tokens [i * seq_len, (i + 1) * seq_len + 1) as int32."""
+    """Example i of a split: its tokens [i * seq_len, (i + 1) * seq_len + 1) as int32. The split's
+    stream is its shards in order; each shard's records hold record_tokens tokens but its last."""
 
     def __init__(self, data_dir: str | Path, manifest: dict, split: str, seq_len: int):
         info = manifest["splits"][split]
         self.records = grain.sources.ArrayRecordDataSource([str(Path(data_dir) / s["file"]) for s in info["shards"]])
         self.dtype = np.dtype(manifest["token_dtype"])
         self.record_tokens = manifest["record_tokens"]
+        shard_tokens = np.array([s["tokens"] for s in info["shards"]])
+        self.shard_starts = np.concatenate([[0], np.cumsum(shard_tokens)[:-1]])  # first token of each shard
+        self.shard_records = np.concatenate([[0], np.cumsum([s["records"] for s in info["shards"]])[:-1]])
         self.seq_len = seq_len
-        self.length = (info["tokens"] - 1) // seq_len
+        self.length = window_count(info["tokens"], seq_len)
         if self.length < 1:
             raise UserError(f"train.seq_len: {seq_len} is longer than the {split} split of {data_dir} "
                             f"({info['tokens']} tokens)")
@@ -88,10 +92,30 @@ class TokenWindows(grain.sources.RandomAccessDataSource):
 
     def __getitem__(self, index: int) -> np.ndarray:
         start, stop = index * self.seq_len, (index + 1) * self.seq_len + 1
-        first, last = start // self.record_tokens, (stop - 1) // self.record_tokens
-        tokens = np.concatenate([np.frombuffer(self.records[r], self.dtype) for r in range(first, last + 1)])
-        offset = start - first * self.record_tokens
-        return tokens[offset:offset + stop - start].astype(np.int32)
+        pieces, position = [], start
+        while position < stop:
+            shard = int(np.searchsorted(self.shard_starts, position, side="right")) - 1
+            record = (position - self.shard_starts[shard]) // self.record_tokens
+            record_start = self.shard_starts[shard] + record * self.record_tokens
+            tokens = np.frombuffer(self.records[int(self.shard_records[shard] + record)], self.dtype)
+            pieces.append(tokens[position - record_start:stop - record_start])
+            position = record_start + len(tokens)
+        return np.concatenate(pieces).astype(np.int32)
+
+
+def window_count(tokens: int, seq_len: int) -> int:
+    """Windows of seq_len + 1 tokens, seq_len apart, in a stream of `tokens`."""
+    return (tokens - 1) // seq_len
+
+
+def train_examples(manifest: dict, seq_len: int) -> int:
+    return window_count(manifest["splits"]["train"]["tokens"], seq_len)
+
+
+def epoch_of(step: int, global_batch_size: int, examples: int) -> int:
+    """The pass over the shuffled examples (1, 2, ...) that step `step` (1, 2, ...; batch step - 1)
+    ends in; step 0 is in epoch 1."""
+    return max(step * global_batch_size - 1, 0) // examples + 1
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:

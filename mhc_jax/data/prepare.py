@@ -1,28 +1,45 @@
 """Build a tokenized dataset folder from text sources (the work behind scripts/prepare_data.py).
 
-    documents (corpus.py) -> train / validation by document -> tokenizer -> shards + manifest.json
+    sources -> work units (corpus.plan) -> tokenizer -> each unit: train / validation shards
 
 Layout of the folder:
-  manifest.json                 what went in and what came out (see `prepare`; per split: documents,
-                                tokens, UTF-8 bytes of the text, shards)
+  manifest.json                 what went in and what came out (see `assemble`; per split: documents,
+                                tokens, UTF-8 bytes of the text, shards in order)
   tokenizer.json | .model       the tokenizer
-  train-00000.arrayrecord ...   the split's documents, each followed by the end-of-text token,
-  validation-00000.arrayrecord  concatenated into one token stream and cut into records of
-                                RECORD_TOKENS tokens (the last one shorter)
+  train-000000-000.arrayrecord  unit 0's train documents, each followed by the end-of-text token,
+  ...                           concatenated and cut into records of RECORD_TOKENS tokens (the
+  validation-000000-000...      last record of each shard shorter); a unit's shards in order
+
+A split's token stream is its shards in order, so it is the same whatever runs the units: one
+process or several workers (`workers`), on one host or several (`process_count`).
 
 A document goes to validation when the first 8 bytes of the sha256 of its text, read as a number
 in [0, 1), fall below --val_fraction: the split is deterministic, independent of document order,
-and a text repeated in the corpus never lands on both sides. The folder is built under a temporary
-name beside it and renamed into place at the end, so it is never left half-written.
+and a text repeated in the corpus never lands on both sides.
+
+Resuming: the folder is built in `.NAME.partial` beside it: `plan.json` (the recipe and the plan's
+hash), the tokenizer, the shards, and `ledger/UNIT.json` written (atomically) once a unit's shards
+are complete. A run killed at any point and started again with the same command keeps what the
+ledger lists and does the rest; a unit without its ledger entry is done again from the start. The
+finished folder is renamed into place at the end, so `NAME` is never half-written; bad input
+removes the partial folder (the input has to change, and with it the plan). A finished folder
+made from the same recipe and the same files (names, sizes and modification times) is kept as it
+is, in the time it takes to list the files.
 """
 
+import ctypes
 import dataclasses
 import datetime
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import shutil
+import signal
+import sys
+import time
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +49,14 @@ from mhc_jax.data import corpus
 from mhc_jax.data.tokenizer import MIN_BPE_VOCAB, Tokenizer, file_sha256, gpt2_tokenizer, load_tokenizer, train_bpe
 from mhc_jax.errors import UserError
 
-FORMAT = "mhc-jax tokens v2"
+FORMAT = "mhc-jax tokens v3"
 RECORD_TOKENS = 8192  # tokens per record: an example of seq_len + 1 tokens reads one or two records
-SHARD_RECORDS = 2048  # records per shard file (16M tokens)
-ENCODE_BATCH = 256  # documents per tokenizer call
+SHARD_RECORDS = 2048  # records per shard file at most (16M tokens)
+ENCODE_BATCH = 256  # documents per tokenizer call at most ...
+ENCODE_BATCH_BYTES = 1 << 20  # ... and text bytes (a worker's memory follows the batch, not the source)
 SPLITS = ("train", "validation")
+POLL_SECONDS = 2  # how often a process waiting for another's work looks again
+PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +64,12 @@ class Recipe:
     """Everything that decides the dataset's contents (with the bytes of the sources)."""
     sources: tuple[str, ...] = ("stdlib",)
     tokenizer: str = "bpe"  # 'bpe' trains one on the train split; 'gpt2'; or a tokenizer file
+    eos_token: str = ""  # a tokenizer file's end-of-text token; '': its tokenizer_config.json's, or a usual name
     vocab_size: int = 32768  # size of the trained BPE (ignored for a given tokenizer)
+    bpe_sample_bytes: int = 1 << 30  # the BPE learns from the train split's first documents, this many UTF-8 bytes
     val_fraction: float = 0.02  # expected share of documents in the validation split
     text_field: str = "text"  # the field (jsonl) or column (parquet, save_to_disk) holding the text
+    unit_bytes: int = 8 << 20  # source bytes per work unit (see corpus.plan); each unit writes its own shards
 
 
 def in_validation(text: str, val_fraction: float) -> bool:
@@ -55,10 +78,10 @@ def in_validation(text: str, val_fraction: float) -> bool:
 
 
 class ShardWriter:
-    """Appends documents to one split's token stream, written as fixed-size records."""
+    """Appends documents to one unit's part of a split, written as records of RECORD_TOKENS."""
 
-    def __init__(self, folder: Path, split: str, dtype):
-        self.folder, self.split, self.dtype = folder, split, dtype
+    def __init__(self, folder: Path, prefix: str, dtype):
+        self.folder, self.prefix, self.dtype = folder, prefix, dtype
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shards: list[dict] = []
@@ -81,7 +104,7 @@ class ShardWriter:
     def write_record(self, tokens: np.ndarray) -> None:
         if self.writer is None or self.shards[-1]["records"] == SHARD_RECORDS:
             self.close_shard()
-            name = f"{self.split}-{len(self.shards):05d}.arrayrecord"
+            name = f"{self.prefix}-{len(self.shards):03d}.arrayrecord"
             self.writer = ArrayRecordWriter(str(self.folder / name), "group_size:1")
             self.shards.append({"file": name, "records": 0, "tokens": 0})
         self.writer.write(tokens.tobytes())
@@ -102,14 +125,24 @@ class ShardWriter:
                 "bytes": self.text_bytes, "shards": self.shards}
 
 
-def make_tokenizer(recipe: Recipe) -> Tokenizer:
+def make_tokenizer(recipe: Recipe, units: list[corpus.Unit]) -> Tokenizer:
     if recipe.tokenizer == "bpe":
-        train_texts = (text for text in corpus.documents(list(recipe.sources), recipe.text_field, [])
-                       if not in_validation(text, recipe.val_fraction))
-        return train_bpe(train_texts, recipe.vocab_size)
+        return train_bpe(bpe_sample(recipe, units), recipe.vocab_size)
     if recipe.tokenizer == "gpt2":
         return gpt2_tokenizer()
-    return load_tokenizer(recipe.tokenizer)
+    return load_tokenizer(recipe.tokenizer, recipe.eos_token)
+
+
+def bpe_sample(recipe: Recipe, units: list[corpus.Unit]):
+    """The train split's documents in order, until bpe_sample_bytes of UTF-8 text."""
+    taken = 0
+    for unit in units:
+        for text in corpus.unit_documents(unit, recipe.text_field, corpus.SourceStats(unit.source)):
+            if not in_validation(text, recipe.val_fraction):
+                yield text
+                taken += len(text.encode("utf-8", "surrogatepass"))
+                if taken >= recipe.bpe_sample_bytes:
+                    return
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -118,59 +151,39 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.tokenizer == "bpe" and recipe.vocab_size < MIN_BPE_VOCAB:
         raise UserError(f"--vocab_size: {recipe.vocab_size} is too small for a byte-level BPE; "
                         f"it needs at least {MIN_BPE_VOCAB} (256 bytes + end-of-text)")
+    if recipe.eos_token and recipe.tokenizer in ("bpe", "gpt2"):
+        raise UserError(f"--eos_token: names the end-of-text token of a tokenizer file; --tokenizer={recipe.tokenizer} "
+                        "uses <|endoftext|>")
     if not 0 < recipe.val_fraction < 1:
         raise UserError(f"--val_fraction: must be between 0 and 1 (exclusive), got {recipe.val_fraction}")
+    for name in ("unit_bytes", "bpe_sample_bytes"):
+        if getattr(recipe, name) < 1:
+            raise UserError(f"--{name}: must be positive, got {getattr(recipe, name)}")
 
 
-def write_splits(folder: Path, recipe: Recipe, tokenizer: Tokenizer, source_stats: list) -> dict:
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    writers = {split: ShardWriter(folder, split, dtype) for split in SPLITS}
-    batch: list[str] = []
-
-    def flush():
-        for text, tokens in zip(batch, tokenizer.encode_batch(batch)):
-            split = "validation" if in_validation(text, recipe.val_fraction) else "train"
-            writers[split].add(np.append(tokens, tokenizer.eos_id), len(text.encode("utf-8", "surrogatepass")))
-        batch.clear()
-
-    for text in corpus.documents(list(recipe.sources), recipe.text_field, source_stats):
-        batch.append(text)
-        if len(batch) == ENCODE_BATCH:
-            flush()
-    flush()
-    return {"token_dtype": np.dtype(dtype).name, "record_tokens": RECORD_TOKENS,
-            "splits": {split: writer.finish() for split, writer in writers.items()}}
+def plan_record(recipe: Recipe, units: list[corpus.Unit]) -> dict:
+    """What decides the folder: the recipe and the plan, with every file's size and modification time."""
+    files = sorted({piece.path for unit in units for piece in unit.pieces})
+    stats = {path: os.stat(path) for path in files}
+    plan = [[unit.source, [[p.path, p.start, p.stop, stats[p.path].st_size, stats[p.path].st_mtime_ns]
+                           for p in unit.pieces]] for unit in units]
+    return {"format": FORMAT, "recipe": recipe_record(recipe), "units": len(units),
+            "plan_sha256": hashlib.sha256(json.dumps(plan).encode()).hexdigest()}
 
 
-def check_splits(splits: dict, recipe: Recipe) -> None:
-    total = sum(s["documents"] for s in splits.values())
-    if total == 0:
-        raise UserError(f"--source: {', '.join(recipe.sources)} holds no non-empty documents")
-    for split, info in splits.items():
-        if info["documents"] == 0:
-            raise UserError(f"--val_fraction: {recipe.val_fraction} leaves the {split} split empty "
-                            f"({total} documents in all); choose a value that gives both splits documents")
+def recipe_record(recipe: Recipe) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(recipe)))  # tuples as lists, as in manifest.json
 
 
-def source_records(recipe: Recipe) -> list[dict]:
-    """The manifest's record of the sources as they are now (one read, no tokenizing)."""
-    stats: list = []
-    for _ in corpus.documents(list(recipe.sources), recipe.text_field, stats):
-        pass
-    return [s.record() for s in stats]
-
-
-def existing_dataset(out: Path, recipe: Recipe, overwrite: bool) -> dict | None:
-    """The manifest already in `out` if it was made from this recipe and these source bytes;
-    None if `out` is free (or `overwrite`); UserError if it holds something else."""
+def existing_dataset(out: Path, plan: dict, overwrite: bool) -> dict | None:
+    """The manifest already in `out` if it was made from this plan; None if `out` is free (or
+    `overwrite`); UserError if it holds something else."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        same = (manifest.get("format") == FORMAT and manifest.get("recipe") == recipe_record(recipe)
-                and manifest.get("sources") == source_records(recipe))
-        if same:
+        if manifest.get("plan") == plan:
             return manifest
     if overwrite:
         return None
@@ -178,44 +191,216 @@ def existing_dataset(out: Path, recipe: Recipe, overwrite: bool) -> dict | None:
     raise UserError(f"--out: {out} already holds {what}; pass --overwrite to replace it, or choose another --out")
 
 
-def recipe_record(recipe: Recipe) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(recipe)))  # tuples as lists, as in manifest.json
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all (a reader never sees half a file)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(temporary, path)
 
 
-def prepare(out: str | Path, recipe: Recipe, command: str, overwrite: bool = False) -> tuple[dict, bool]:
-    """Builds the dataset folder `out` from `recipe`; returns its manifest and whether it was built
-    now (False: `out` already held this dataset, and nothing changed)."""
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def encode_unit(building: Path, index: int, unit: corpus.Unit, recipe: Recipe, tokenizer: Tokenizer) -> dict:
+    """Unit `index`'s shards, then its ledger entry (what the manifest needs of it)."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    writers = {split: ShardWriter(building, f"{split}-{index:06d}", dtype) for split in SPLITS}
+    stats = corpus.SourceStats(unit.source)
+    batch: list[str] = []
+    batch_bytes = 0
+
+    def flush():
+        for text, tokens in zip(batch, tokenizer.encode_batch(batch)):
+            split = "validation" if in_validation(text, recipe.val_fraction) else "train"
+            writers[split].add(np.append(tokens, tokenizer.eos_id), len(text.encode("utf-8", "surrogatepass")))
+        batch.clear()
+
+    for text in corpus.unit_documents(unit, recipe.text_field, stats):
+        batch.append(text)
+        batch_bytes += len(text)
+        if len(batch) == ENCODE_BATCH or batch_bytes >= ENCODE_BATCH_BYTES:
+            flush()
+            batch_bytes = 0
+    flush()
+    entry = {"unit": index, "source": stats.record(), "token_dtype": np.dtype(dtype).name,
+             "splits": {split: writer.finish() for split, writer in writers.items()}}
+    write_json(building / "ledger" / f"{index:06d}.json", entry)
+    return entry
+
+
+_WORKER: dict = {}
+
+
+def start_worker(tokenizer_path: str) -> None:
+    """A worker process tokenizes on one thread (the workers are the parallelism), and dies with the
+    process that started it (Linux), so that a killed run leaves no worker writing into the folder."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["tokenizer"] = load_tokenizer(tokenizer_path)
+
+
+def worker_encode_unit(building: str, index: int, unit: corpus.Unit, recipe: Recipe) -> dict:
+    return encode_unit(Path(building), index, unit, recipe, _WORKER["tokenizer"])
+
+
+def run_units(building: Path, todo: list[int], units: list[corpus.Unit], recipe: Recipe, tokenizer_path: Path,
+              workers: int) -> None:
+    """Units `todo`, in this process (workers 0) or in that many worker processes."""
+    progress = Progress(len(todo))
+    if workers == 0:
+        tokenizer = load_tokenizer(tokenizer_path)
+        for index in todo:
+            progress.add(encode_unit(building, index, units[index], recipe, tokenizer))
+        return
+    context = multiprocessing.get_context("spawn")  # not fork: the caller may have started threads (JAX, grain)
+    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
+                                     initargs=(str(tokenizer_path),)) as pool:
+        running = [pool.submit(worker_encode_unit, str(building), index, units[index], recipe) for index in todo]
+        try:
+            for done in futures.as_completed(running):
+                progress.add(done.result())
+        except BaseException:
+            for job in running:
+                job.cancel()
+            raise
+
+
+class Progress:
+    """A line on stderr every 30 s of a long preparation."""
+
+    def __init__(self, units: int):
+        self.units, self.done, self.tokens, self.start, self.shown = units, 0, 0, time.time(), time.time()
+
+    def add(self, entry: dict) -> None:
+        self.done += 1
+        self.tokens += sum(split["tokens"] for split in entry["splits"].values())
+        if time.time() - self.shown > 30:
+            self.shown = time.time()
+            rate = self.tokens / (self.shown - self.start)
+            print(f"prepared {self.done}/{self.units} units, {self.tokens:,} tokens ({rate:,.0f} tokens/s)",
+                  file=sys.stderr, flush=True)
+
+
+def assemble(building: Path, plan: dict, units: list[corpus.Unit], tokenizer_path: Path, command: str) -> dict:
+    """The manifest, from the ledger entries in unit order."""
+    entries = [read_json(building / "ledger" / f"{index:06d}.json") for index in range(len(units))]
+    splits = {split: {"documents": sum(e["splits"][split]["documents"] for e in entries),
+                      "tokens": sum(e["splits"][split]["tokens"] for e in entries),
+                      "bytes": sum(e["splits"][split]["bytes"] for e in entries),
+                      "shards": [shard for e in entries for shard in e["splits"][split]["shards"]]}
+              for split in SPLITS}
+    total = sum(s["documents"] for s in splits.values())
+    sources = [source_total(source, [e["source"] for e in entries if e["source"]["source"] == source])
+               for source in dict.fromkeys(unit.source for unit in units)]
+    if total == 0:
+        raise UserError(f"--source: {', '.join(plan['recipe']['sources'])} holds no non-empty documents")
+    for split, info in splits.items():
+        if info["documents"] == 0:
+            raise UserError(f"--val_fraction: {plan['recipe']['val_fraction']} leaves the {split} split empty "
+                            f"({total} documents in all); choose a value that gives both splits documents")
+    tokenizer = load_tokenizer(tokenizer_path)
+    return {
+        "format": FORMAT,
+        "recipe": plan["recipe"],
+        "plan": plan,
+        "sources": sources,
+        "invalid_utf8": sum(s["invalid_utf8"] for s in sources),
+        "python_version": platform.python_version(),  # the 'stdlib' source depends on it
+        "tokenizer": {"file": tokenizer_path.name, "sha256": file_sha256(tokenizer_path),
+                      "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "eos_token": tokenizer.eos_token},
+        "token_dtype": entries[0]["token_dtype"],
+        "record_tokens": RECORD_TOKENS,
+        "splits": splits,
+        "command": command,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def source_total(source: str, records: list[dict]) -> dict:
+    """One source's record, from its units' (its sha256: of their sha256s, in order)."""
+    summed = {key: sum(r[key] for r in records) for key in ("files", "bytes", "documents", "invalid_utf8")}
+    digests = "".join(r["sha256"] for r in records).encode()
+    return {"source": source, **summed, "sha256": hashlib.sha256(digests).hexdigest()}
+
+
+def prepare(out: str | Path, recipe: Recipe, command: str, overwrite: bool = False, workers: int = 0,
+            process_index: int = 0, process_count: int = 1) -> tuple[dict, bool]:
+    """Builds the dataset folder `out` from `recipe`; returns its manifest (None on a process other
+    than 0, which leaves the manifest to process 0) and whether it was built now (False: `out`
+    already held this dataset, and nothing changed). Each of `process_count` processes (hosts
+    sharing `out`'s file system) runs every process_count-th unit, in `workers` worker processes."""
     out = Path(out)
     check_recipe(recipe)
-    manifest = existing_dataset(out, recipe, overwrite)
+    units = corpus.plan(list(recipe.sources), recipe.unit_bytes)
+    plan = plan_record(recipe, units)
+    manifest = existing_dataset(out, plan, overwrite)
     if manifest is not None:
         return manifest, False
-    building = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
-    building.mkdir(parents=True)
+    building = out.parent / f".{out.name}.partial"
+    finished = read_json(building / "manifest.json")
+    if finished is not None and finished["plan"] == plan:  # stopped between the manifest and the rename
+        if process_index == 0:
+            finish(building, out)
+        return finished, True
     try:
-        tokenizer = make_tokenizer(recipe)
-        source_stats: list = []
-        written = write_splits(building, recipe, tokenizer, source_stats)
-        check_splits(written["splits"], recipe)
-        tokenizer_path = tokenizer.save(building)
-        manifest = {
-            "format": FORMAT,
-            "recipe": recipe_record(recipe),
-            "sources": [s.record() for s in source_stats],
-            "invalid_utf8": sum(s.invalid_utf8 for s in source_stats),
-            "python_version": platform.python_version(),  # the 'stdlib' source depends on it
-            "tokenizer": {"file": tokenizer_path.name, "sha256": file_sha256(tokenizer_path),
-                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-            **written,
-            "command": command,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (building / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        commit(building, out)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
+        tokenizer_path = start_building(building, plan, recipe, units, process_index)
+        todo = [i for i in range(process_index, len(units), process_count)
+                if not (building / "ledger" / f"{i:06d}.json").is_file()]
+        run_units(building, todo, units, recipe, tokenizer_path, workers)
+        if process_index != 0:
+            return None, True
+        wait_for(lambda: all((building / "ledger" / f"{i:06d}.json").is_file() for i in range(len(units))),
+                 "the other processes' units")
+        manifest = assemble(building, plan, units, tokenizer_path, command)
+        write_json(building / "manifest.json", manifest)
+        finish(building, out)
+    except UserError:
+        if process_count == 1:  # bad input: nothing to resume from
+            shutil.rmtree(building, ignore_errors=True)
+        raise
     return manifest, True
+
+
+def start_building(building: Path, plan: dict, recipe: Recipe, units: list[corpus.Unit], process_index: int) -> Path:
+    """The partial folder of this plan, with its tokenizer (a partial folder of another plan is
+    started afresh); process 0 makes them, the others wait for them. Returns the tokenizer's path."""
+    if process_index == 0:
+        if read_json(building / "plan.json") != plan:
+            shutil.rmtree(building, ignore_errors=True)
+            (building / "ledger").mkdir(parents=True)
+            write_json(building / "plan.json", plan)
+        if not tokenizer_file(building):
+            staging = building / ".tokenizer"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            saved = make_tokenizer(recipe, units).save(staging)
+            for path in sorted(staging.iterdir(), key=lambda p: p == saved):  # the tokenizer itself last
+                os.replace(path, building / path.name)
+    wait_for(lambda: read_json(building / "plan.json") == plan and tokenizer_file(building), "process 0's tokenizer")
+    return tokenizer_file(building)
+
+
+def tokenizer_file(building: Path) -> Path | None:
+    return next((building / name for name in ("tokenizer.json", "tokenizer.model") if (building / name).is_file()),
+                None)
+
+
+def wait_for(ready, what: str) -> None:
+    if not ready():
+        print(f"waiting for {what}", file=sys.stderr, flush=True)
+    while not ready():
+        time.sleep(POLL_SECONDS)
+
+
+def finish(building: Path, out: Path) -> None:
+    """The bookkeeping out of the finished folder, and the folder into place."""
+    for name in ("ledger", ".tokenizer", "plan.json"):
+        path = building / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    commit(building, out)
 
 
 def commit(building: Path, out: Path) -> None:

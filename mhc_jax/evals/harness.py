@@ -164,7 +164,7 @@ def load_workdir_tokenizer(workdir, meta: dict):
     if not paths or file_sha256(paths[0]) != meta["tokenizer_sha256"]:
         raise UserError(f"--workdir: {workdir} lacks the tokenizer its checkpoints were trained with "
                         "(tokenizer.json or tokenizer.model, written by train.py); copy it from the data folder")
-    return load_tokenizer(workdirs.local_copy(paths[0]))
+    return load_tokenizer(workdirs.local_copy(paths[0]), meta.get("eos_token", ""))  # older checkpoints: not recorded
 
 
 def run(model: LanguageModel, data_dir: Path, limit: int | None, task: Task) -> dict:

@@ -3,6 +3,7 @@ same scalars, a progress bar, and Weights & Biases (when asked)."""
 
 import json
 import secrets
+import sys
 import tempfile
 
 import jax
@@ -53,6 +54,11 @@ class RunLog:
         partial = self.path.parent / (self.path.name + ".partial")
         partial.write_text("".join(line + "\n" for line in self.lines))
         partial.replace(self.path)
+
+    def note(self, message: str) -> None:
+        """A line for the person watching (process 0), above the progress bar."""
+        if self.active:
+            tqdm.write(message, file=sys.stderr) if self.bar is not None else print(message, file=sys.stderr, flush=True)
 
     def advance(self, loss: float, tokens_per_sec: float) -> None:
         if self.bar is not None:

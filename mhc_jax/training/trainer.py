@@ -100,6 +100,7 @@ def check_mesh(config, mesh) -> None:
 def run_meta(config, manifest) -> dict:
     return {"variant": residual.variant_name(config.model), "n_streams": config.model.n_streams,
             "config": config.to_dict(), "tokenizer_sha256": manifest["tokenizer"]["sha256"],
+            "eos_token": manifest["tokenizer"]["eos_token"],
             "versions": {name: module.__version__ for name, module in
                          (("jax", jax), ("optax", optax), ("numpy", np), ("grain", grain))}}
 
@@ -107,6 +108,12 @@ def run_meta(config, manifest) -> dict:
 def checker(config, manifest, workdir):
     """Refuses a checkpoint from another experiment (different model or tokenizer)."""
     def check(meta):
+        if meta["tokenizer_sha256"] != manifest["tokenizer"]["sha256"]:  # before the model: its vocab_size follows
+            raise UserError(
+                f"data.dir: {config.data.dir} was prepared with another tokenizer ({manifest['tokenizer']['vocab_size']} "
+                f"tokens, sha256 {manifest['tokenizer']['sha256'][:12]}) than the checkpoints in {workdir} were "
+                f"trained with ({meta['config']['model']['vocab_size']} tokens, sha256 {meta['tokenizer_sha256'][:12]}); "
+                "point data.dir at the data they were trained on")
         saved, current = validation.flat(meta["config"]["model"]), validation.flat(config.model)
         differing = sorted(k for k in set(saved) | set(current)
                            if k not in COMPILE_ONLY_FIELDS and saved.get(k) != current.get(k))
@@ -114,9 +121,6 @@ def checker(config, manifest, workdir):
             changes = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
             raise UserError(f"--workdir: {workdir} holds checkpoints of a different model ({changes}); "
                             f"use another --workdir, or delete {workdir}/checkpoints to start fresh")
-        if meta["tokenizer_sha256"] != manifest["tokenizer"]["sha256"]:
-            raise UserError(f"data.dir: {config.data.dir} was prepared with a different tokenizer than the "
-                            f"checkpoints in {workdir}; point data.dir at the data they were trained on")
     return check
 
 
@@ -190,6 +194,7 @@ class Training:
     step: int
     stop_at: int
     iterator: object
+    train_examples: int  # windows of the train split: a pass over them is an epoch
     eval_batches: list
     diag_tokens: jax.Array
     checkpoints: checkpoint.Checkpoints
@@ -227,6 +232,7 @@ def setup(config, workdir, vocab_overridden: bool = False) -> Training:
     return Training(config=config, workdir=workdir, experiment=experiment, state=state, step=step,
                     stop_at=min(t.steps, t.stop_at_step) if t.stop_at_step > 0 else t.steps,
                     iterator=pipeline.train_iterator(batches, start_step=step),  # the data position is the step
+                    train_examples=pipeline.train_examples(manifest, t.seq_len),
                     eval_batches=eval_batches, diag_tokens=experiment.global_batch(eval_batches[0])["tokens"],
                     checkpoints=checkpoints, log=runlog.RunLog(workdir, config, start_step=step),
                     meta=run_meta(config, manifest), clock=StepClock(config), stop=StopRequest(),
@@ -275,7 +281,12 @@ def read_step(run: Training, step: int, metrics: dict, evaluate: bool = False, d
     """Reads one step's metrics on the host, stops a diverged run, adds the validation loss and the
     stability diagnostics when asked (of the current parameters: `step` must be the newest), logs."""
     t = run.config.train
-    record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}, **run.clock.lap()}
+    record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}, **run.clock.lap(),
+              "epoch": pipeline.epoch_of(step, t.batch_size, run.train_examples)}
+    new_epoch = record["epoch"] > pipeline.epoch_of(step - 1, t.batch_size, run.train_examples)
+    if new_epoch:
+        run.log.note(f"step {step}: epoch {record['epoch']} begins: the {run.train_examples:,} training examples "
+                     "are read again, in a new order")
     if not (np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])):
         run.log.write(record)
         last = run.checkpoints.steps()[:1]
@@ -285,7 +296,7 @@ def read_step(run: Training, step: int, metrics: dict, evaluate: bool = False, d
         record["eval_loss"] = run.experiment.evaluate(run.state["params"], run.eval_batches)
     if diagnose:
         record.update(run.experiment.diagnose(run.state["params"], run.diag_tokens))
-    if every(step, t.log_every, run.stop_at) or {"eval_loss", "amax_forward", "compile_seconds"} & set(record):
+    if every(step, t.log_every, run.stop_at) or new_epoch or {"eval_loss", "amax_forward", "compile_seconds"} & set(record):
         run.log.write(record)
     run.log.advance(record["loss"], record.get("tokens_per_sec", 0.0))
 
