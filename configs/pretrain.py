@@ -135,6 +135,7 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()  # where the training and validation tokens come from
     config.data.dir = "data/default"  # from scripts/prepare_data.py; data/default is prepared on first use
+    config.data.mixture = ""  # train on 'FOLDER:WEIGHT,...' (same tokenizer as data.dir, which still gives the validation split)
 
     log = config.log = ml_collections.ConfigDict()
     log.progress = True  # a progress bar with loss, tokens/s and ETA (process 0)

@@ -8,6 +8,7 @@ without a rule fails tests/test_configs.py, which tries a bad value of every fie
 import ml_collections
 
 from mhc_jax import validation
+from mhc_jax.data import pipeline
 from mhc_jax.model import attention, attention_kernels, moe, residual, transformer
 from mhc_jax.training import optim
 from mhc_jax.validation import FLAG, Choice, Number, Relation, Text
@@ -45,7 +46,7 @@ FIELD_RULES = {
     "train.diag_every": SIZE, "train.checkpoint_every": SIZE, "train.keep_checkpoints": SIZE, "train.stop_at_step": COUNT,
     "mesh.data": MESH_AXIS, "mesh.fsdp": MESH_AXIS, "mesh.expert": MESH_AXIS, "mesh.tensor": MESH_AXIS,
     "mesh.max_replicated": FRACTION,
-    "data.dir": Text(),
+    "data.dir": Text(), "data.mixture": Text(empty=True),
     "log.progress": FLAG, "log.tensorboard": FLAG, "log.wandb": FLAG, "log.wandb_mode": Choice(("offline", "online", "disabled")),
     "log.wandb_project": Text(), "log.wandb_group": Text(empty=True), "log.peak_tflops": NON_NEGATIVE,
 }
@@ -74,6 +75,8 @@ RELATIONS = (
     Relation("mesh.expert", lambda c: not c.model.moe.n_experts or c.mesh.expert == -1
              or c.model.moe.n_experts % c.mesh.expert == 0,
              "must divide model.moe.n_experts = {c.model.moe.n_experts} (each device holds n_experts / expert experts)"),
+    Relation("data.mixture", lambda c: pipeline.parse_mixture(c.data.mixture)[1] is None,
+             lambda c: pipeline.parse_mixture(c.data.mixture)[1]),
     Relation("train.stop_at_step", lambda c: c.train.stop_at_step <= c.train.steps,
              "must be <= train.steps = {c.train.steps} (0: run to train.steps)"),
     Relation("train.microbatches", lambda c: c.train.batch_size % c.train.microbatches == 0,

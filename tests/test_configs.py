@@ -106,6 +106,8 @@ def test_every_field_has_a_rule_and_a_bad_value_of_it_is_refused():
     ({"model.n_streams": 1}, "model.n_streams: got 1; mhc needs n >= 2 streams"),
     ({"model.d_model": 68}, "model.d_model: got 68; head_dim = d_model // n_heads must be even for RoPE"),
     ({"model.n_heads": 8, "model.n_kv_heads": 3}, "model.n_kv_heads: got 3; must divide model.n_heads = 8"),
+    ({"data.mixture": "data/a:2,data/b:-1"},
+     "data.mixture: got 'data/a:2,data/b:-1'; 'data/b:-1' is not FOLDER:WEIGHT with a positive weight"),
 ])
 def test_relations_between_fields_are_checked(overrides, message):
     config = get_config("mhc,debug")

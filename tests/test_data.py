@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -38,9 +39,10 @@ def stream(dataset, split):
     return np.concatenate([np.frombuffer(windows.records[i], windows.dtype) for i in range(len(windows.records))])
 
 
-def batches(dataset, **kwargs):
+def batches(dataset, seed=0, **kwargs):
     out, manifest = dataset
-    return pipeline.train_batches(out, manifest, **{"seq_len": SEQ_LEN, "global_batch_size": BATCH, "seed": 0, **kwargs})
+    stream = pipeline.mixture([pipeline.Source(str(out), manifest)], SEQ_LEN, seed)
+    return pipeline.train_batches(stream, **{"global_batch_size": BATCH, **kwargs})
 
 
 def test_windows_are_consecutive_slices_of_the_token_stream(dataset):
@@ -174,5 +176,39 @@ def test_bench_times_the_values_of_one_field(dataset):
 
 
 def test_epochs_count_passes_over_the_shuffled_examples():
-    assert [pipeline.epoch_of(step, 4, 10) for step in range(8)] == [1, 1, 1, 2, 2, 2, 3, 3]  # steps 3 and 6 cross
-    assert pipeline.epoch_of(5, 2, 10) == 1 and pipeline.epoch_of(6, 2, 10) == 2
+    assert [pipeline.epoch_of(rows, 10) for rows in (0, 1, 10, 11, 20, 21)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_a_mixture_takes_each_source_by_its_weight_in_every_block_and_resumes_anywhere(dataset):
+    """Two sources, 0.7 and 0.3: every block of MIXTURE_BLOCK rows holds 2,867 and 1,229 of them
+    (rounded by largest remainder); batch shares scatter around the weights; a source's rows are its
+    own shuffled examples in order; row m depends on m alone; one source is today's stream."""
+    out, manifest = dataset
+    sources = [pipeline.Source(str(out), manifest, 0.7), pipeline.Source(str(out), manifest, 0.3)]
+    stream = pipeline.mixture(sources, SEQ_LEN, seed=3)
+    assert list(stream.counts) == [2867, 1229]
+    block = pipeline.MIXTURE_BLOCK
+    np.testing.assert_array_equal(stream.taken(5 * block), [5 * 2867, 5 * 1229])
+    shares = np.diff([stream.taken(k * 64)[0] for k in range(0, 5 * block // 64 + 1)]) / 64
+    assert abs(shares.mean() - 2867 / block) < 1e-9 and 0.5 < shares.min() <= 0.7 <= shares.max() < 0.9
+    own = [pipeline.mixture(sources[:1], SEQ_LEN, seed=3).examples[0][j] for j in range(3)]
+    first_rows = [m for m in range(200) if stream.block(0)[0][m] == 0][:3]
+    for row, example in zip(first_rows, own):
+        np.testing.assert_array_equal(stream[row], example)
+    fresh = pipeline.mixture(sources, SEQ_LEN, seed=3)
+    for m in (7 * block + 5, 123, 2 * block):
+        np.testing.assert_array_equal(fresh[m], stream[m])
+    single = pipeline.mixture(sources[:1], SEQ_LEN, seed=0)
+    examples = grain.MapDataset.source(pipeline.TokenWindows(out, manifest, "train", SEQ_LEN)).shuffle(seed=0).repeat()
+    for m in (0, 5, block + 9):
+        np.testing.assert_array_equal(single[m], examples[m])
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("data/a:0.7,data/b", "'data/b' is not FOLDER:WEIGHT with a positive weight"),
+    ("data/a:0,data/b:1", "'data/a:0' is not FOLDER:WEIGHT"),
+    ("data/a:1,other/a:1", "names two folders of the same name"),
+])
+def test_a_bad_mixture_is_named(text, problem):
+    assert pipeline.parse_mixture(text)[1].startswith(problem)
+    assert pipeline.parse_mixture("data/a:0.7, data/b:0.3") == ([("data/a", 0.7), ("data/b", 0.3)], None)

@@ -106,14 +106,9 @@ def test_two_slurm_processes_train_like_one_through_the_sweeps_sbatch_script(str
     assert [s for s, _ in two] == [s for s, _ in one] == list(range(1, 7))
     np.testing.assert_allclose([l for _, l in two], [l for _, l in one], rtol=1e-5)
     assert "6" in os.listdir(workdir / "checkpoints")
-    # The run saved by 2 processes resumes on 4, with the batches of the straight run. (Resuming on
-    # 1 process is test_trainer.py's restore onto other meshes.)
-    srun = [str(ROOT / "tests/fake_slurm/srun"), sys.executable, str(ROOT / "train.py"), "--distributed",
-            f"--config={ROOT / 'configs/pretrain.py'}:hc,debug", f"--workdir={workdir}", *STRAIGHT, *QUIET,
-            "--config.train.stop_at_step=12", f"--config.data.dir={default_data}"]
-    four = subprocess.run(srun, env={**env, "XLA_FLAGS": xla_flags(2), "SLURM_NTASKS": "4",
-                                     "SLURM_JOB_ID": str(job_id + 1)}, capture_output=True, text=True, timeout=600)
-    assert four.returncode == 0, four.stderr
+    # The run saved by 2 processes resumes on 1, with the batches of the straight run.
+    resumed = run_train(workdir, *STRAIGHT, "--config.train.stop_at_step=12", data_dir=default_data)
+    assert resumed.returncode == 0, resumed.stderr
     assert [s for s, _ in losses(workdir)] == list(range(1, 13))
     np.testing.assert_allclose([l for _, l in losses(workdir)], [l for _, l in losses(straight_run)[:12]], rtol=1e-5)
 

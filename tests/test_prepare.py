@@ -261,8 +261,9 @@ def test_workers_and_hosts_make_the_same_folder(tmp_path):
 
 @pytest.mark.slow
 def test_killed_at_random_points_it_resumes_to_the_same_folder(tmp_path):
-    """kill -9 of the whole process group (the command and its workers) at two random moments, each
-    followed by the same command run to the end: the folder of an uninterrupted run."""
+    """kill -9 of the whole process group (the command and its workers) at a random moment, then the
+    same command run to the end: the folder of an uninterrupted run (docs/data.md: 5 of 5 such
+    rounds on a larger source)."""
     source_flag = "--source=" + ",".join(map(str, mixed_sources(tmp_path / "sources")))
     command = [sys.executable, "scripts/prepare_data.py", source_flag, *MIXED, "--workers=2"]
     start = time.time()
@@ -270,7 +271,7 @@ def test_killed_at_random_points_it_resumes_to_the_same_folder(tmp_path):
     duration = time.time() - start
     expected = folder_contents(tmp_path / "whole")
     rng = np.random.default_rng(int(time.time()))
-    for attempt, delay in enumerate(rng.uniform(0.2 * duration, 0.9 * duration, size=2)):
+    for attempt, delay in enumerate(rng.uniform(0.2 * duration, 0.9 * duration, size=1)):
         out = tmp_path / f"killed-{attempt}"
         process = subprocess.Popen([*command, f"--out={out}"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)

@@ -276,13 +276,45 @@ def test_a_deepseek_style_tokenizer_trains_over_epochs_and_evaluates(tmp_path, c
     assert 32 < examples < 96
     train_in_process(tmp_path / "run", tmp_path / "data", False, steps=12, seq_len=64, batch_size=16, log_every=100,
                      eval_every=100, diag_every=100, checkpoint_every=12)
-    starts = [s for s in range(1, 13) if pipeline.epoch_of(s, 16, examples) > pipeline.epoch_of(s - 1, 16, examples)]
+    starts = [s for s in range(1, 13) if pipeline.epoch_of(s * 16, examples) > pipeline.epoch_of((s - 1) * 16, examples)]
     logged = {r["step"]: r["epoch"] for r in records(tmp_path / "run")}
     assert len(starts) >= 2 and set(starts) <= set(logged)
     assert [logged[s] for s in starts] == list(range(2, 2 + len(starts)))
     err = capsys.readouterr().err
     for step in starts:
-        assert f"step {step}: epoch {logged[step]} begins: the {examples:,} training examples are read again" in err
+        assert (f"step {step}: epoch {logged[step]} of {tmp_path / 'data'} begins: its {examples:,} training examples "
+                "are read again") in err
     meta = checkpoint.Checkpoints(tmp_path / "run", create=False).read_meta(12)
     tokenizer = harness.load_workdir_tokenizer(tmp_path / "run", meta)
     assert tokenizer.eos_token == DEEPSEEK_EOS and tokenizer.eos_id == 1
+
+
+@pytest.mark.slow
+def test_a_mixture_trains_on_its_folders_and_logs_their_shares(tmp_path):
+    """Two folders sharing a tokenizer (the second prepared with the first's), 0.75 and 0.25: each
+    record has both shares (summing to 1) and epochs; a folder of another tokenizer is refused,
+    naming it and data.dir."""
+    for name, documents in (("web", corpus_documents(100, seed=1)), ("code", corpus_documents(100, seed=2))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    prepare.prepare(tmp_path / "web", prepare.Recipe(sources=(str(tmp_path / "web.jsonl"),), val_fraction=0.2,
+                                                     vocab_size=400), command="test")
+    prepare.prepare(tmp_path / "code", prepare.Recipe(sources=(str(tmp_path / "code.jsonl"),), val_fraction=0.2,
+                                                      tokenizer=str(tmp_path / "web" / "tokenizer.json")), command="test")
+    mixture = f"{tmp_path / 'web'}:0.75,{tmp_path / 'code'}:0.25"
+    config = get_config("mhc,debug")
+    config.data.update(dir=str(tmp_path / "web"), mixture=mixture)
+    config.log.progress = False
+    config.train.update(steps=3, seq_len=64, batch_size=16, log_every=1, eval_every=3, checkpoint_every=3)
+    trainer.train(config, tmp_path / "run")
+    logged = records(tmp_path / "run")
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    for record in logged:
+        assert record["share/web"] + record["share/code"] == pytest.approx(1.0) and record["share/code"] > 0
+        assert record["epoch/web"] >= 1 and record["epoch"] == max(record["epoch/web"], record["epoch/code"])
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["mixture"] == mixture
+    prepare.prepare(tmp_path / "other", prepare.Recipe(sources=(str(tmp_path / "code.jsonl"),), val_fraction=0.2,
+                                                       vocab_size=300), command="test")
+    config.data.mixture = f"{tmp_path / 'web'}:1,{tmp_path / 'other'}:1"
+    with pytest.raises(UserError, match=f"^data.mixture: {tmp_path / 'other'} was prepared with another tokenizer "
+                                        rf"\(300 tokens.* than data.dir {tmp_path / 'web'} \(400 tokens"):
+        trainer.training_sources(config, pipeline.load_manifest(tmp_path / "web"))

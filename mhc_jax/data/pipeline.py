@@ -11,8 +11,15 @@ globally (a new permutation each epoch), global batch k holds shuffled examples
 number of processes sees the same global batches, and a pipeline started at step k yields what
 one iterated from step 0 yields at step k: a resumed run restarts its pipeline at the step it
 restored, on any number of processes.
+
+A weighted mixture of prepared folders (`data.mixture`, `Mixture`) keeps that: the row stream is
+cut into blocks of MIXTURE_BLOCK rows; in every block source s fills counts[s] rows (its weight's
+share of the block, rounded), at positions a permutation seeded by (seed, block) chooses, and its
+j-th row overall is its own j-th shuffled example. Which example a row holds is computed from the
+row's index alone. One folder is the mixture of one source: row m is its example m.
 """
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -112,10 +119,9 @@ def train_examples(manifest: dict, seq_len: int) -> int:
     return window_count(manifest["splits"]["train"]["tokens"], seq_len)
 
 
-def epoch_of(step: int, global_batch_size: int, examples: int) -> int:
-    """The pass over the shuffled examples (1, 2, ...) that step `step` (1, 2, ...; batch step - 1)
-    ends in; step 0 is in epoch 1."""
-    return max(step * global_batch_size - 1, 0) // examples + 1
+def epoch_of(rows: int, examples: int) -> int:
+    """The pass (1, 2, ...) over a source's shuffled examples that its first `rows` rows end in."""
+    return max(rows - 1, 0) // examples + 1
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -129,14 +135,103 @@ def _local_example(examples, global_batch_size: int, local_batch_size: int, proc
     return examples[step * global_batch_size + process_index * local_batch_size + row]
 
 
-def train_batches(data_dir: str | Path, manifest: dict, *, seq_len: int, global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """This process's training batches, endless: element k is {'tokens': int32 [G / P, seq_len + 1]},
-    its rows of global batch k."""
+MIXTURE_BLOCK = 4096  # rows per block of a mixture (each source's row count per block is fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A prepared folder and its weight in the training mixture."""
+    dir: str
+    manifest: dict
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return Path(self.dir).name
+
+
+def parse_mixture(text: str) -> tuple[list[tuple[str, float]], str | None]:
+    """data.mixture's 'DIR:WEIGHT,DIR:WEIGHT' as (folder, weight) pairs ('' is no mixture), and
+    what is wrong with it (None: nothing)."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        folder, _, weight = item.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not folder or not value > 0:
+            return [], f"{item!r} is not FOLDER:WEIGHT with a positive weight, e.g. data/web:0.7,data/code:0.3"
+        pairs.append((folder, value))
+    if len({Path(folder).name for folder, _ in pairs}) < len(pairs):  # the names of the metrics
+        return [], "names two folders of the same name; give each folder once, under a name of its own"
+    return pairs, None
+
+
+def block_counts(weights: list[float]) -> np.ndarray:
+    """Rows of each source per MIXTURE_BLOCK: the weights' shares, rounded by largest remainder."""
+    exact = np.asarray(weights, np.float64) / sum(weights) * MIXTURE_BLOCK
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[:MIXTURE_BLOCK - counts.sum()]] += 1
+    return counts
+
+
+class Mixture:
+    """Row m of the training stream, and how many rows of each source the rows before m took."""
+
+    def __init__(self, examples: list, counts: np.ndarray, seed: int):
+        self.examples, self.counts, self.seed = examples, counts, seed
+
+    @functools.lru_cache(maxsize=4)
+    def block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block b's source of each position, and each position's rank among its source's."""
+        sources = np.repeat(np.arange(len(self.counts)), self.counts)
+        if len(self.counts) > 1:
+            sources = sources[np.random.default_rng([self.seed, b]).permutation(MIXTURE_BLOCK)]
+        ranks = np.zeros(MIXTURE_BLOCK, np.int64)
+        for s in range(len(self.counts)):
+            ranks[sources == s] = np.arange(self.counts[s])
+        return sources, ranks
+
+    def __getitem__(self, m: int):
+        b, position = divmod(m, MIXTURE_BLOCK)
+        sources, ranks = self.block(b)
+        s = sources[position]
+        return self.examples[s][b * int(self.counts[s]) + int(ranks[position])]
+
+    def taken(self, m: int) -> np.ndarray:
+        """Rows of each source among rows [0, m)."""
+        b, position = divmod(m, MIXTURE_BLOCK)
+        return b * self.counts + np.bincount(self.block(b)[0][:position], minlength=len(self.counts))
+
+
+def data_fingerprint(manifest: dict, sources: list[Source]) -> str:
+    """What a run trains and validates on: the validation folder's fingerprint, and with a mixture,
+    every folder's and its weight's."""
+    if len(sources) == 1 and sources[0].manifest is manifest:
+        return fingerprint(manifest)
+    parts = [fingerprint(manifest), [[fingerprint(s.manifest), s.weight] for s in sources]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def mixture(sources: list[Source], seq_len: int, seed: int) -> Mixture:
+    """The training stream over `sources`, each its train split shuffled (seed + its index), repeated."""
+    examples = [grain.MapDataset.source(TokenWindows(s.dir, s.manifest, "train", seq_len))
+                .shuffle(seed=(seed + i) % 2**32).repeat() for i, s in enumerate(sources)]
+    counts = block_counts([s.weight for s in sources])
+    for s, count in zip(sources, counts):
+        if count == 0:
+            raise UserError(f"data.mixture: {s.dir}'s weight gives it no row in a block of {MIXTURE_BLOCK}; "
+                            "raise it or leave the folder out")
+    return Mixture(examples, counts, seed)
+
+
+def train_batches(stream: Mixture, *, global_batch_size: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """This process's training batches from `stream` (see `mixture`), endless: element k is
+    {'tokens': int32 [G / P, seq_len + 1]}, its rows of global batch k."""
     local = local_batch_size(global_batch_size, process_count)
-    examples = grain.MapDataset.source(TokenWindows(data_dir, manifest, "train", seq_len))
-    examples = examples.shuffle(seed=seed % 2**32).repeat()
-    pick = functools.partial(_local_example, examples, global_batch_size, local, process_index)
+    pick = functools.partial(_local_example, stream, global_batch_size, local, process_index)
     rows = grain.MapDataset.range(sys.maxsize).map(pick)
     return rows.batch(local, drop_remainder=True).map(lambda tokens: {"tokens": tokens})
 

@@ -45,8 +45,8 @@ class Contender:
         trainer.check_mesh(config, mesh)
         self.experiment = Experiment(config, mesh)
         manifest = pipeline.load_manifest(config.data.dir)
-        batches = pipeline.train_batches(config.data.dir, manifest, seq_len=config.train.seq_len,
-                                     global_batch_size=config.train.batch_size, seed=0)
+        stream = pipeline.mixture([pipeline.Source(config.data.dir, manifest)], config.train.seq_len, seed=0)
+        batches = pipeline.train_batches(stream, global_batch_size=config.train.batch_size)
         self.tokens = self.experiment.global_batch(batches[0])["tokens"]
         self.state = self.experiment.init_state()
         self.compiled, self.compile_seconds = compile_step(self.experiment, self.tokens)
@@ -166,8 +166,8 @@ def depth_compile_seconds(config, depths: list[int]) -> dict:
 def data_tokens_per_sec(config, count: int) -> float:
     """Tokens per second that the training pipeline delivers, over `count` batches."""
     manifest = pipeline.load_manifest(config.data.dir)
-    batches = pipeline.train_batches(config.data.dir, manifest, seq_len=config.train.seq_len,
-                                 global_batch_size=config.train.batch_size, seed=0)
+    stream = pipeline.mixture([pipeline.Source(config.data.dir, manifest)], config.train.seq_len, seed=0)
+    batches = pipeline.train_batches(stream, global_batch_size=config.train.batch_size)
     iterator = pipeline.train_iterator(batches)
     next(iterator)  # starts the prefetch threads
     start, tokens = time.perf_counter(), 0

@@ -194,7 +194,9 @@ class Training:
     step: int
     stop_at: int
     iterator: object
-    train_examples: int  # windows of the train split: a pass over them is an epoch
+    sources: list  # the training folders (data.dir alone, or data.mixture's) with their weights
+    stream: pipeline.Mixture  # which source each row of the training stream comes from
+    train_examples: list  # each source's train windows: a pass over them is an epoch
     eval_batches: list
     diag_tokens: jax.Array
     checkpoints: checkpoint.Checkpoints
@@ -219,8 +221,9 @@ def setup(config, workdir, vocab_overridden: bool = False) -> Training:
         raise UserError(f"mesh.fsdp: {experiment.replicated_fraction:.1%} of parameter bytes stay replicated "
                         f"(limit mesh.max_replicated={config.mesh.max_replicated}); check sharding.RULES")
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    batches = pipeline.train_batches(config.data.dir, manifest, seq_len=t.seq_len, global_batch_size=t.batch_size,
-                                     seed=t.seed, **where)
+    sources = training_sources(config, manifest)
+    stream = pipeline.mixture(sources, t.seq_len, t.seed)
+    batches = pipeline.train_batches(stream, global_batch_size=t.batch_size, **where)
     eval_batches = pipeline.eval_batches(config.data.dir, manifest, seq_len=t.seq_len, global_batch_size=t.batch_size,
                                          max_batches=t.eval_batches or None, **where)
     checkpoints = checkpoint.Checkpoints(workdir, keep=t.keep_checkpoints)
@@ -228,21 +231,40 @@ def setup(config, workdir, vocab_overridden: bool = False) -> Training:
     state = experiment.init_state() if restored is None else restored[1]
     step = 0 if restored is None else restored[0]
     if jax.process_index() == 0:
-        write_run_files(config, manifest, workdir)
+        write_run_files(config, manifest, sources, workdir)
     return Training(config=config, workdir=workdir, experiment=experiment, state=state, step=step,
                     stop_at=min(t.steps, t.stop_at_step) if t.stop_at_step > 0 else t.steps,
                     iterator=pipeline.train_iterator(batches, start_step=step),  # the data position is the step
-                    train_examples=pipeline.train_examples(manifest, t.seq_len),
+                    sources=sources, stream=stream,
+                    train_examples=[pipeline.train_examples(s.manifest, t.seq_len) for s in sources],
                     eval_batches=eval_batches, diag_tokens=experiment.global_batch(eval_batches[0])["tokens"],
                     checkpoints=checkpoints, log=runlog.RunLog(workdir, config, start_step=step),
                     meta=run_meta(config, manifest), clock=StepClock(config), stop=StopRequest(),
                     read_late=jax.default_backend() != "cpu")
 
 
-def write_run_files(config, manifest, workdir) -> None:
+def training_sources(config, manifest) -> list:
+    """data.dir alone, or data.mixture's folders with their weights: one tokenizer for all (data.dir's,
+    whose validation split the run evaluates on)."""
+    pairs, _ = pipeline.parse_mixture(config.data.mixture)  # validated with the config
+    if not pairs:
+        return [pipeline.Source(config.data.dir, manifest)]
+    sources = [pipeline.Source(folder, pipeline.load_manifest(folder), weight) for folder, weight in pairs]
+    for source in sources:
+        theirs, ours = source.manifest["tokenizer"], manifest["tokenizer"]
+        if theirs["sha256"] != ours["sha256"]:
+            raise UserError(f"data.mixture: {source.dir} was prepared with another tokenizer ({theirs['vocab_size']} "
+                            f"tokens, sha256 {theirs['sha256'][:12]}) than data.dir {config.data.dir} "
+                            f"({ours['vocab_size']} tokens, sha256 {ours['sha256'][:12]}); mix folders prepared with "
+                            "one tokenizer")
+    return sources
+
+
+def write_run_files(config, manifest, sources, workdir) -> None:
     """What eval.py and compare.py need besides the checkpoints: the config, the data, the tokenizer."""
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
-    (workdir / "data.json").write_text(json.dumps({"dir": config.data.dir, "fingerprint": pipeline.fingerprint(manifest),
+    (workdir / "data.json").write_text(json.dumps({"dir": config.data.dir, "mixture": config.data.mixture,
+                                                   "fingerprint": pipeline.data_fingerprint(manifest, sources),
                                                    "tokenizer_sha256": manifest["tokenizer"]["sha256"]}) + "\n")
     tokenizer_file = manifest["tokenizer"]["file"]
     (workdir / tokenizer_file).write_bytes((Path(config.data.dir) / tokenizer_file).read_bytes())
@@ -282,11 +304,7 @@ def read_step(run: Training, step: int, metrics: dict, evaluate: bool = False, d
     stability diagnostics when asked (of the current parameters: `step` must be the newest), logs."""
     t = run.config.train
     record = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}, **run.clock.lap(),
-              "epoch": pipeline.epoch_of(step, t.batch_size, run.train_examples)}
-    new_epoch = record["epoch"] > pipeline.epoch_of(step - 1, t.batch_size, run.train_examples)
-    if new_epoch:
-        run.log.note(f"step {step}: epoch {record['epoch']} begins: the {run.train_examples:,} training examples "
-                     "are read again, in a new order")
+              **data_position(run, step)}
     if not (np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"])):
         run.log.write(record)
         last = run.checkpoints.steps()[:1]
@@ -296,9 +314,27 @@ def read_step(run: Training, step: int, metrics: dict, evaluate: bool = False, d
         record["eval_loss"] = run.experiment.evaluate(run.state["params"], run.eval_batches)
     if diagnose:
         record.update(run.experiment.diagnose(run.state["params"], run.diag_tokens))
+    new_epoch = record.pop("new_epoch")
     if every(step, t.log_every, run.stop_at) or new_epoch or {"eval_loss", "amax_forward", "compile_seconds"} & set(record):
         run.log.write(record)
     run.log.advance(record["loss"], record.get("tokens_per_sec", 0.0))
+
+
+def data_position(run: Training, step: int) -> dict:
+    """Step `step`'s epoch (the furthest source's), with a mixture each source's epoch and share of
+    the batch, and whether an epoch began (announced)."""
+    size = run.config.train.batch_size
+    before, after = run.stream.taken((step - 1) * size), run.stream.taken(step * size)
+    epochs = [pipeline.epoch_of(int(rows), n) for rows, n in zip(after, run.train_examples)]
+    fields = {"epoch": max(epochs), "new_epoch": False}
+    for source, rows_before, rows, epoch, n in zip(run.sources, before, after, epochs, run.train_examples):
+        if len(run.sources) > 1:
+            fields.update({f"share/{source.name}": float(rows - rows_before) / size, f"epoch/{source.name}": epoch})
+        if epoch > pipeline.epoch_of(rows_before, n):
+            fields["new_epoch"] = True
+            run.log.note(f"step {step}: epoch {epoch} of {source.dir} begins: its {n:,} training examples are read "
+                         "again, in a new order")
+    return fields
 
 
 def teardown(run: Training) -> None:
