@@ -171,9 +171,9 @@ def test_sentencepiece_model_prepares_and_reloads(tmp_path):
     np.testing.assert_array_equal(reloaded.encode_batch(DOCUMENTS[:1])[0], original.encode_batch(DOCUMENTS[:1])[0])
 
 
-def run_prepare(*args):
+def run_prepare(*args, env=None):
     return subprocess.run([sys.executable, "scripts/prepare_data.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
 def no_leftovers(parent: Path) -> bool:
@@ -342,3 +342,27 @@ def test_the_data_benchmark_tokenizes_what_prepare_writes(tmp_path):
     assert [(row["workers"], row["units"], row["tokens"]) for row in result["rows"]] == [
         (1, manifest["plan"]["units"], tokens), (2, manifest["plan"]["units"], tokens)]
     assert manifest["plan"]["units"] > 2 and all(row["peak_worker_bytes"] > 50 << 20 for row in result["rows"])
+
+
+def test_a_hugging_face_dataset_is_streamed_shard_by_shard(tmp_path):
+    """hf:FOLDER goes through datasets.load_dataset(..., streaming=True), as a Hub name does: one
+    unit per data file, the documents in order."""
+    thirds = [DOCUMENTS[i::3] for i in range(3)]
+    (tmp_path / "hub").mkdir()
+    for i, part in enumerate(thirds):
+        (tmp_path / "hub" / f"data-{i:05d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    manifest = build(tmp_path / "data", [f"hf:{tmp_path / 'hub'}"])
+    assert manifest["plan"]["units"] == 3
+    expected = [d for part in thirds for d in part]
+    assert split_documents(tmp_path / "data", manifest, "train") == [
+        d for d in expected if not prepare.in_validation(d, 0.25)]
+    with pytest.raises(UserError, match="its records have no string column 'body'"):
+        build(tmp_path / "other", [f"hf:{tmp_path / 'hub'}"], text_field="body")
+
+
+@pytest.mark.slow
+def test_a_hub_dataset_without_network_is_one_line(tmp_path):
+    result = run_prepare(f"--out={tmp_path / 'out'}", "--source=hf:someone/corpus", env={"HF_HUB_OFFLINE": "1"})
+    assert_user_error(result, "--source: hf:someone/corpus cannot be loaded (ConnectionError",
+                      "cannot reach the Hugging Face Hub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -9,6 +9,9 @@ A source is one of
   FILE.parquet        one document per row: the string column --text_field
   DIR                 a Hugging Face `save_to_disk` folder (column --text_field), or else every
                       .txt, .jsonl and .parquet file below DIR, in sorted order
+  hf:NAME[:CONFIG[:SPLIT]]  a dataset `datasets.load_dataset` streams (a Hub name, which needs the
+                      network, or a local folder of data files; split 'train' unless given),
+                      column --text_field, one work unit per shard (data file)
 
 Reading streams and is deterministic: the same sources give the same documents in the same order.
 Bytes that are not UTF-8 become U+FFFD and are counted (`SourceStats.invalid_utf8`).
@@ -41,6 +44,7 @@ DEBIAN_SOURCES = {
     "linux-docs": ("linux-doc-6.1", "/usr/share/doc/linux-doc-6.1/Documentation/**/*.rst.gz", "text"),
     "jargon": ("jargon-text", "/usr/share/doc/jargon-text/jargon.txt.gz", "text"),
 }
+HF_PREFIX = "hf:"
 READERS_BY_SUFFIX = {".txt": "text", ".txt.gz": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl",
                      ".parquet": "parquet"}
 
@@ -81,6 +85,10 @@ def plan(sources: list[str], unit_bytes: int) -> list[Unit]:
     """The work units of `sources`, in document order."""
     units = []
     for source in sources:
+        if source.startswith(HF_PREFIX):
+            shards = hf_dataset(source).n_shards
+            units += [Unit(source, (Piece(source, "hf", shard, shards),)) for shard in range(shards)]
+            continue
         group, group_bytes = [], 0
         for path, reader in source_files(source):
             size = path.stat().st_size
@@ -98,6 +106,43 @@ def plan(sources: list[str], unit_bytes: int) -> list[Unit]:
         if group:
             units.append(Unit(source, tuple(group)))
     return units
+
+
+def stamp(piece: Piece) -> list:
+    """What tells a changed source: a file's size and modification time (a dataset of the Hub: nothing;
+    its name stands for it)."""
+    if piece.reader == "hf":
+        return []
+    status = os.stat(piece.path)
+    return [status.st_size, status.st_mtime_ns]
+
+
+def hf_dataset(source: str):
+    """hf:NAME[:CONFIG[:SPLIT]] streamed by datasets.load_dataset (imported only for such a source)."""
+    import datasets
+
+    name, config, split = (source[len(HF_PREFIX):].split(":") + [None, None])[:3]
+    try:
+        return datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as e:  # datasets raises many kinds: no network, no such dataset, config or split
+        hint = ("; this host cannot reach the Hugging Face Hub: download the dataset where it can and give "
+                "its folder" if isinstance(e, ConnectionError) else "")
+        raise UserError(f"--source: {source} cannot be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}){hint}") from None
+
+
+def hf_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
+    """Shard piece.start of the piece.stop shards of a streamed Hugging Face dataset."""
+    stats.files += 1
+    for record in hf_dataset(piece.path).shard(num_shards=piece.stop, index=piece.start):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise UserError(f"{piece.path}: its records have no string column {text_field!r} (they have "
+                            f"{', '.join(record)}); choose it with --text_field")
+        encoded = text.encode("utf-8", "surrogatepass")
+        stats.bytes += len(encoded)
+        stats.hasher.update(encoded)
+        yield text
 
 
 def split_file(path: Path, reader: str, size: int, unit_bytes: int) -> list[Piece]:
@@ -207,6 +252,9 @@ def column_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[
 
 def piece_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
     """The texts of one piece, streamed; its bytes (as read) go into stats."""
+    if piece.reader == "hf":
+        yield from hf_texts(piece, text_field, stats)
+        return
     path = Path(piece.path)
     stats.files += piece.start == 0
     if piece.reader in ("arrow", "parquet"):

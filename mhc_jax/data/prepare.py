@@ -163,10 +163,8 @@ def check_recipe(recipe: Recipe) -> None:
 
 def plan_record(recipe: Recipe, units: list[corpus.Unit]) -> dict:
     """What decides the folder: the recipe and the plan, with every file's size and modification time."""
-    files = sorted({piece.path for unit in units for piece in unit.pieces})
-    stats = {path: os.stat(path) for path in files}
-    plan = [[unit.source, [[p.path, p.start, p.stop, stats[p.path].st_size, stats[p.path].st_mtime_ns]
-                           for p in unit.pieces]] for unit in units]
+    stamps = {piece.path: corpus.stamp(piece) for unit in units for piece in unit.pieces}
+    plan = [[unit.source, [[p.path, p.start, p.stop, *stamps[p.path]] for p in unit.pieces]] for unit in units]
     return {"format": FORMAT, "recipe": recipe_record(recipe), "units": len(units),
             "plan_sha256": hashlib.sha256(json.dumps(plan).encode()).hexdigest()}
 
