@@ -2,6 +2,7 @@
 resume from iterator state, the evaluation pass, global arrays."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,12 @@ def test_a_mixture_takes_each_source_by_its_weight_in_every_block_and_resumes_an
 def test_a_bad_mixture_is_named(text, problem):
     assert pipeline.parse_mixture(text)[1].startswith(problem)
     assert pipeline.parse_mixture("data/a:0.7, data/b:0.3") == ([("data/a", 0.7), ("data/b", 0.3)], None)
+
+
+def test_a_folder_of_an_older_format_is_refused_with_the_command_that_remakes_it(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"format": "mhc-jax tokens v2", "recipe": {"sources": ["a.jsonl", "b"], "tokenizer": "gpt2"}}))
+    with pytest.raises(UserError, match=re.escape(
+            f"expected {prepare.FORMAT!r}; prepare it again: python scripts/prepare_data.py --out={tmp_path} "
+            "--source=a.jsonl,b --tokenizer=gpt2 --overwrite")):
+        pipeline.load_manifest(tmp_path)

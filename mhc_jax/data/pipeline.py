@@ -44,7 +44,11 @@ def load_manifest(data_dir: str | Path) -> dict:
                         f"python scripts/prepare_data.py --out={data_dir}")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; prepare the data again")
+        flags = [f"--source={','.join(value)}" if name == "sources" else f"--{name}={value}"
+                 for name, value in manifest.get("recipe", {}).items()]
+        again = " ".join(flags)
+        raise UserError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; prepare it again: "
+                        f"python scripts/prepare_data.py --out={data_dir} {again} --overwrite")
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             if not (data_dir / shard["file"]).is_file():
