@@ -277,7 +277,7 @@ def read_counted(path: Path, stats: SourceStats) -> bytes:
 def jsonl_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
     """The lines that start in the piece's byte range, one at a time (gz: the whole file, streamed)."""
     path = Path(piece.path)
-    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+    with open_binary(path) as f:
         if piece.start:
             f.seek(piece.start - 1)
             f.readline()  # the end of a line that started before the range
@@ -292,12 +292,14 @@ def jsonl_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[s
                 yield json_text(decode(line, stats), text_field, lambda: f"{path}:{line_number(path, at)}")
 
 
+def open_binary(path: Path):
+    """A file's bytes, decompressed as they are read if it is gzipped."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
 def line_number(path: Path, offset: int) -> int:
     """The number of the line starting at byte `offset` (counted only for an error message)."""
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            return f.read(offset).count(b"\n") + 1
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         return f.read(offset).count(b"\n") + 1
 
 

@@ -240,6 +240,13 @@ def start_worker(tokenizer_path: str) -> None:
     _WORKER["tokenizer"] = load_tokenizer(tokenizer_path)
 
 
+def worker_pool(workers: int, tokenizer_path: Path) -> futures.ProcessPoolExecutor:
+    """`workers` processes started with `start_worker`; spawned, not forked: the caller may have
+    started threads (JAX, grain)."""
+    return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=start_worker, initargs=(str(tokenizer_path),))
+
+
 def worker_encode_unit(building: str, index: int, unit: corpus.Unit, recipe: Recipe) -> dict:
     return encode_unit(Path(building), index, unit, recipe, _WORKER["tokenizer"])
 
@@ -253,9 +260,7 @@ def run_units(building: Path, todo: list[int], units: list[corpus.Unit], recipe:
         for index in todo:
             progress.add(encode_unit(building, index, units[index], recipe, tokenizer))
         return
-    context = multiprocessing.get_context("spawn")  # not fork: the caller may have started threads (JAX, grain)
-    with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker,
-                                     initargs=(str(tokenizer_path),)) as pool:
+    with worker_pool(workers, tokenizer_path) as pool:
         running = [pool.submit(worker_encode_unit, str(building), index, units[index], recipe) for index in todo]
         try:
             for done in futures.as_completed(running):

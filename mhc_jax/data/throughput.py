@@ -7,11 +7,9 @@ resident memory of any of its workers.
 """
 
 import json
-import multiprocessing
 import resource
 import tempfile
 import time
-from concurrent import futures
 from pathlib import Path
 
 from mhc_jax.data import corpus, prepare
@@ -44,9 +42,7 @@ def run_pool(source: Path, tokenizer_path: Path, recipe: prepare.Recipe, workers
     with tempfile.TemporaryDirectory(prefix="mhc-jax-bench-data-") as building:
         (Path(building) / "ledger").mkdir()
         start = time.perf_counter()
-        context = multiprocessing.get_context("spawn")
-        with futures.ProcessPoolExecutor(workers, mp_context=context, initializer=prepare.start_worker,
-                                         initargs=(str(tokenizer_path),)) as pool:
+        with prepare.worker_pool(workers, tokenizer_path) as pool:
             results = list(pool.map(measured_unit, [building] * len(units), range(len(units)), units,
                                     [recipe] * len(units)))
         seconds = time.perf_counter() - start
