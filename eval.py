@@ -15,7 +15,7 @@ from pathlib import Path
 
 from absl import flags
 
-from mhc_jax import cli, workdirs
+from mhc_jax import cli, storage
 from mhc_jax.evals import eval_data
 from mhc_jax.evals.harness import LanguageModel, write_results
 from mhc_jax.evals.registry import TASKS
@@ -31,11 +31,11 @@ MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "prompts are cut to their 
 
 def main(argv):
     cli.expect(argv, (WORKDIR, "runs/mhc-10m"))
-    workdirs.check_reachable(WORKDIR.value, "--workdir")
+    storage.check_reachable(WORKDIR.value, "--workdir")
     if any(name != "perplexity" for name in TASK_NAMES.value):
         eval_data.check(DATA_DIR.value)
     model = LanguageModel(WORKDIR.value, STEP.value, BATCH_SIZE.value, MAX_LENGTH.value)
-    path = workdirs.path(WORKDIR.value) / "eval" / str(model.step) / "results.json"
+    path = storage.path(WORKDIR.value) / "eval" / str(model.step) / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {"step": model.step, "tasks": {}}
     for name in TASK_NAMES.value:
         results["tasks"][name] = {**TASKS[name](model, Path(DATA_DIR.value), LIMIT.value), "limit": LIMIT.value}

@@ -14,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from mhc_jax import cli, workdirs
+from mhc_jax import cli, storage
 from mhc_jax.training import trainer
 
 CONFIG = cli.define_config_flag()
@@ -29,7 +29,7 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .
 def main(argv):
     cli.expect(argv, (WORKDIR, "runs/mhc-10m"))
     config = cli.load_config(CONFIG)
-    workdirs.check_reachable(WORKDIR.value, "--workdir")
+    storage.check_reachable(WORKDIR.value, "--workdir")
     if DISTRIBUTED.value or (NUM_PROCESSES.value or 1) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
         jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

@@ -9,7 +9,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mhc_jax import config_rules, host_memory
+from mhc_jax import config_rules, host_memory, storage
 from mhc_jax.errors import UserError
 
 
@@ -66,9 +66,13 @@ def config_file_error(argv: list[str]) -> UserError:
                      "expected e.g. --config=configs/pretrain.py:mhc,debug")
 
 
-def check_creatable(folder: str) -> None:
+def check_creatable(folder: str, flag: str) -> None:
     """Raises the OSError that creating `folder` would, creating nothing: its nearest existing
-    ancestor must be a folder. For commands that work a long time before they write."""
+    ancestor must be a folder (a bucket path: the UserError naming `flag` of an unreachable bucket).
+    For commands that work a long time before they write."""
+    if storage.is_remote(folder):
+        storage.check_reachable(folder, flag)
+        return
     ancestor = os.path.abspath(folder)
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)

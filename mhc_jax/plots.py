@@ -12,12 +12,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib import ticker
 
-from mhc_jax import workdirs
+from mhc_jax import storage
 from mhc_jax.model import residual
 
 
 def read_metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (workdirs.path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def series(records: list[dict], key: str) -> tuple[list, list]:
@@ -39,8 +39,8 @@ def plot_run(workdir):
     gain_axes.axhline(1.0, color="gray", linewidth=0.5)
     _plain_log_labels(gain_axes)
     gain_axes.legend()
-    figure.suptitle(workdirs.path(workdir).name)
-    return _save(figure, workdirs.path(workdir) / "run.png", dpi=100)
+    figure.suptitle(storage.path(workdir).name)
+    return _save(figure, storage.path(workdir) / "run.png", dpi=100)
 
 
 # The stability study (mhc_jax/study/stability.py): one color per variant; lr x1 solid with the seeds' range
@@ -167,12 +167,12 @@ def plot_h_res(maps: dict, path: Path) -> Path:
 
 
 def _save(figure, path, dpi: int = 80):
-    """Writes the figure as a PNG to a local path or a bucket path (workdirs.py)."""
+    """Writes the figure as a PNG to a local path or a bucket path (storage.py)."""
     figure.tight_layout()
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=dpi)
     plt.close(figure)
-    path = workdirs.path(path)
+    path = storage.path(path)
     path.write_bytes(png.getvalue())
     return path
 

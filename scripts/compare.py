@@ -4,14 +4,14 @@
 
 Prints a markdown table per scale (rows: variants; cells: mean over seeds and their range) and writes
 DIR/compare.md, DIR/summary.json and the plots loss_vs_tokens.png, amax.png, scaling.png. DIR defaults
-to ROOT/compare for one local ROOT. Runs on different data or tokenizers are refused (exit 2).
+to ROOT/compare for one ROOT (a folder or a bucket path). Runs on different data or tokenizers are refused (exit 2).
 """
 
 import json
 
 from absl import flags
 
-from mhc_jax import cli, plots, workdirs
+from mhc_jax import cli, plots, storage
 from mhc_jax.pods import compare
 
 OUT = flags.DEFINE_string("out", None, "where the table, summary.json and plots go (default: ROOT/compare)")
@@ -21,17 +21,17 @@ def main(argv):
     roots = argv[1:]
     if not roots:
         cli.fail("give the folders to compare: python scripts/compare.py ROOT [ROOT ...]")
-    if not OUT.value and (len(roots) > 1 or workdirs.is_remote(roots[0])):
-        cli.fail("--out: required with several roots or a bucket, e.g. --out=runs/compare")
+    if not OUT.value and len(roots) > 1:
+        cli.fail("--out: required with several roots, e.g. --out=runs/compare")
     for root in roots:
-        workdirs.check_reachable(root, root)
+        storage.check_reachable(root, root)
     runs = compare.find_runs(roots)
     compare.check_same_data(runs)
     tables = compare.rows_by_scale(runs)
     summary = compare.summarize(tables)
     table = compare.markdown(summary)
     print(table)
-    out = workdirs.path(OUT.value or f"{roots[0]}/compare")
+    out = storage.path(OUT.value or f"{roots[0]}/compare")
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

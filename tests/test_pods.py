@@ -1,26 +1,21 @@
-"""Pod tooling: dry runs for TPU slices and simulated CPU meshes, workdirs in a bucket, bench's
---vary. (Sweeps, compare.py and the launchers: test_sweep.py.)"""
+"""Pod tooling: dry runs for TPU slices and simulated CPU meshes, bench's --vary. (Sweeps, compare.py
+and the launchers: test_sweep.py; buckets: test_buckets.py.)"""
 
 import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-import fsspec
 import jax
 import numpy as np
 import pytest
-from fsspec.implementations.local import LocalFileSystem
 from helpers import ROOT, assert_user_error, xla_flags
 
 from configs.pretrain import get_config
-from mhc_jax import plots, sharding, workdirs
+from mhc_jax import sharding
 from mhc_jax.errors import UserError
-from mhc_jax.pods import aot, bench, compare, fit_report, memory_sources, sweep, topology
-from mhc_jax.training import checkpoint, runlog
+from mhc_jax.pods import aot, bench, fit_report, memory_sources, topology
 from mhc_jax.training.experiment import Experiment
 
 
@@ -187,62 +182,6 @@ def test_topology_names():
     assert topology.parse("v6e-64").libtpu_name == "v6e:8x8"
     assert topology.parse("cpu:8").devices == 8
     assert topology.tpu_names("v5p")[0] == "v5p-8" and topology.tpu_names("v5p")[-1] == "v5p-2048"
-
-
-class LocalBucket(LocalFileSystem):
-    """gs://BUCKET/... kept in a local folder: the bucket filesystem epath (and so orbax) would use."""
-    protocol = ("gs", "gcs")
-    folder = ""
-
-    def __init__(self, *args, finalize_on_close=None, **kwargs):
-        super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = str(path).removeprefix("gs://")
-        return path if path.startswith(cls.folder) else os.path.join(cls.folder, path.lstrip("/"))
-
-    def glob(self, path, **kwargs):
-        return [os.path.relpath(p, self.folder) for p in super().glob(path, **kwargs)]
-
-
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-    monkeypatch.setattr(LocalBucket, "folder", str(tmp_path / "bucket-store"))
-    for name in LocalBucket.protocol:
-        fsspec.register_implementation(name, LocalBucket, clobber=True)
-    yield Path(LocalBucket.folder)
-    from etils.epath import backend
-    backend.fsspec_backend._get_filesystem.cache_clear()
-
-
-def test_a_bucket_workdir_is_never_made_local(bucket, monkeypatch):
-    """The same code as for local workdirs, on gs:// paths: nothing lands in a local gs:/ folder."""
-    assert str(workdirs.path("gs://b/run") / "checkpoints") == "gs://b/run/checkpoints"
-    handed = []  # what orbax is given (its own GCS client is not installed here)
-    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", lambda directory, **kwargs: handed.append(str(directory)))
-    checkpoint.Checkpoints("gs://b/run")
-    assert handed == ["gs://b/run/checkpoints"]
-    run = sweep.grid(["mhc"], ["debug"], [0], [], group="g")[0]
-    assert f"--workdir=gs://b/sweep/{run.name}" in sweep.train_command(run, "gs://b/sweep")
-    assert not sweep.finished("gs://b/sweep", run)
-    config, workdir = get_config("mhc,debug"), workdirs.path(f"gs://b/sweep/{run.name}")
-    workdir.mkdir(parents=True)  # as train.py does
-    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-    (workdir / "data.json").write_text(json.dumps({"dir": "data/default", "fingerprint": "f", "tokenizer_sha256": "t"}))
-    log = runlog.RunLog(str(workdir), config, start_step=0)
-    for step in (1, 2, 3):
-        log.write({"step": step, "loss": 4.0 / step, "eval_loss": 5.0 / step, "amax_forward": 1.0, "amax_backward": 1.0})
-    log.close()
-    stored = bucket / "b/sweep" / run.name
-    assert (stored / "metrics.jsonl").read_text().count("\n") == 3  # rewritten whole, nothing lost to 'append'
-    runlog.RunLog(str(workdir), config, start_step=2).close()  # a resume drops what came after its checkpoint
-    assert [json.loads(line)["step"] for line in (stored / "metrics.jsonl").read_text().splitlines()] == [1, 2]
-    runs = compare.find_runs(["gs://b/sweep"])
-    assert [r.name for r in runs] == [run.name] and runs[0].summary()["final_eval_loss"] == 2.5
-    plots.plot_run(str(workdir))
-    assert (stored / "run.png").stat().st_size > 1000
-    assert not Path("gs:").exists() and not Path(tempfile.gettempdir(), "gs:").exists()
 
 
 def test_bench_vary_parses_values_as_the_fields_type_and_validates_them():

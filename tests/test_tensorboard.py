@@ -8,7 +8,7 @@ from etils import epath
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 from tensorboard.compat import tf as tb_tf
 
-from mhc_jax import workdirs
+from mhc_jax import storage
 from mhc_jax.training import tensorboard_writer
 
 # Multi-byte varint steps (300, 2**40) and every kind of value write_scalars takes or skips.
@@ -73,7 +73,7 @@ def test_local_file_appends_on_flush(tmp_path):
 
 def test_remote_path_rewritten_whole_on_flush(tmp_path, monkeypatch):
     """A bucket path (no appends): the writer buffers and rewrites the file; here 'gs://b/run' maps to a local folder."""
-    monkeypatch.setattr(workdirs, "path", lambda d: epath.Path(tmp_path / str(d).split("://")[1]))
+    monkeypatch.setattr(storage, "path", lambda d: epath.Path(tmp_path / str(d).split("://")[1]))
     writer = tensorboard_writer.TensorBoardWriter("gs://bucket/run")
     assert writer._file is None
     writer.write_scalars(0, scalars(0))

@@ -1,9 +1,8 @@
-"""The trainer end to end: the run's files, exact resume (also after SIGTERM), restore onto other
+"""The trainer end to end: the run's files, exact resume (after SIGTERM: test_buckets.py), restore onto other
 meshes, the loss falling, NaN guard, schedules, weight decay, microbatches, and the bad inputs of
 train.py (the MoE model: test_trainer_moe.py; failures and other process counts: test_failures.py)."""
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -21,7 +20,6 @@ from helpers import (
     prepare_small_corpus,
     records,
     run_train,
-    stop_with_sigterm,
 )
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -76,18 +74,6 @@ def test_stop_and_resume_repeats_every_loss_bit_for_bit(straight_run, default_da
     run_id = (tmp_path / "run" / "wandb_run_id").read_text()
     offline_runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_the_same_command_resumes(straight_run, default_data, tmp_path):
-    process = run_train(tmp_path / "run", *STRAIGHT, data_dir=default_data, wait=False)
-    stop_with_sigterm(process, tmp_path / "run", after_lines=8)
-    stopped_at = losses(tmp_path / "run")[-1][0]
-    assert 8 <= stopped_at < 24
-    assert str(stopped_at) in os.listdir(tmp_path / "run" / "checkpoints")
-    resumed = run_train(tmp_path / "run", *STRAIGHT, data_dir=default_data)
-    assert resumed.returncode == 0, resumed.stderr
-    assert losses(tmp_path / "run") == losses(straight_run)
 
 
 def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):

@@ -13,6 +13,7 @@ A source is one of
                       network, or a local folder of data files; split 'train' unless given),
                       column --text_field, one work unit per shard (data file)
 
+Files and folders may be local or in a bucket (gs://..., read through mhc_jax/storage.py).
 Reading streams and is deterministic: the same sources give the same documents in the same order.
 Bytes that are not UTF-8 become U+FFFD and are counted (`SourceStats.invalid_utf8`).
 
@@ -23,6 +24,7 @@ groups. A .gz file or a text file is read whole by one unit, but streamed (never
 whole, except a text file's one document). The plan depends only on the files' names and sizes.
 """
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -35,7 +37,9 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from etils import epath
 
+from mhc_jax import storage
 from mhc_jax.errors import UserError
 
 # name -> (Debian package, its files (a glob), how each file is read)
@@ -91,7 +95,7 @@ def plan(sources: list[str], unit_bytes: int) -> list[Unit]:
             continue
         group, group_bytes = [], 0
         for path, reader in source_files(source):
-            size = path.stat().st_size
+            size = storage.stamp(path)[0]
             pieces = split_file(path, reader, size, unit_bytes)
             if len(pieces) > 1:
                 units += [Unit(source, tuple(group))] if group else []
@@ -113,8 +117,7 @@ def stamp(piece: Piece) -> list:
     its name stands for it)."""
     if piece.reader == "hf":
         return []
-    status = os.stat(piece.path)
-    return [status.st_size, status.st_mtime_ns]
+    return storage.stamp(piece.path)
 
 
 def hf_dataset(source: str):
@@ -145,13 +148,13 @@ def hf_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]
         yield text
 
 
-def split_file(path: Path, reader: str, size: int, unit_bytes: int) -> list[Piece]:
+def split_file(path: epath.Path, reader: str, size: int, unit_bytes: int) -> list[Piece]:
     """A file in pieces of about unit_bytes: jsonl by byte ranges, parquet by row groups; others whole."""
     if size <= unit_bytes or reader not in ("jsonl", "parquet") or path.name.endswith(".gz"):
         return [Piece(str(path), reader)]
     if reader == "jsonl":
         return [Piece(str(path), reader, start, min(start + unit_bytes, size)) for start in range(0, size, unit_bytes)]
-    metadata = pq.ParquetFile(path).metadata
+    metadata = parquet_file(path).metadata
     pieces, first, run_bytes = [], 0, 0
     for group in range(metadata.num_row_groups):
         run_bytes += metadata.row_group(group).total_byte_size
@@ -170,14 +173,14 @@ def stdlib_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def reader_for(path: Path) -> str:
+def reader_for(path: epath.Path) -> str:
     for suffix, reader in READERS_BY_SUFFIX.items():
         if path.name.endswith(suffix):
             return reader
     raise UserError(f"--source: {path}: unknown file type; expected one of {', '.join(READERS_BY_SUFFIX)}")
 
 
-def source_files(source: str) -> list[tuple[Path, str]]:
+def source_files(source: str) -> list[tuple[epath.Path, str]]:
     """The files of a source, each with the reader that splits it into documents."""
     if source == "stdlib":
         return [(path, "text") for path in stdlib_files()]
@@ -192,7 +195,7 @@ def source_files(source: str) -> list[tuple[Path, str]]:
             raise UserError(f"--source: {source} needs the Debian package {package} "
                             f"(apt-get install {package}); nothing matches {pattern}")
         return [(path, reader) for path in files]
-    path = Path(source)
+    path = epath.Path(source)
     if not path.exists():
         raise UserError(f"--source: {source} does not exist; give a file, a folder, stdlib or debian:<name>")
     if path.is_file():
@@ -200,7 +203,8 @@ def source_files(source: str) -> list[tuple[Path, str]]:
     if (path / "state.json").exists():  # Hugging Face save_to_disk
         state = json.loads((path / "state.json").read_text())
         return [(path / f["filename"], "arrow") for f in state["_data_files"]]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(tuple(READERS_BY_SUFFIX)))
+    files = sorted(folder / name for folder, _, names in path.walk() for name in names
+                   if name.endswith(tuple(READERS_BY_SUFFIX)))
     if not files:
         raise UserError(f"--source: {source} holds no {', '.join(READERS_BY_SUFFIX)} files")
     return [(p, reader_for(p)) for p in files]
@@ -228,12 +232,12 @@ def json_text(line: str, text_field: str, where) -> str:
 
 def column_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
     """A parquet piece's row groups, or a Hugging Face arrow file, batch by batch."""
-    path = Path(piece.path)
+    path = epath.Path(piece.path)
     if piece.reader == "arrow":
-        batches = pa.ipc.open_stream(pa.memory_map(str(path)))
+        batches = pa.ipc.open_stream(path.open("rb") if storage.is_remote(path) else pa.memory_map(str(path)))
         names = batches.schema.names
     else:
-        parquet = pq.ParquetFile(path)
+        parquet = parquet_file(path)
         names = parquet.schema_arrow.names
         groups = range(piece.start, parquet.metadata.num_row_groups if piece.stop < 0 else piece.stop)
         batches = parquet.iter_batches(row_groups=groups, columns=[text_field]) if text_field in names else []
@@ -255,7 +259,7 @@ def piece_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[s
     if piece.reader == "hf":
         yield from hf_texts(piece, text_field, stats)
         return
-    path = Path(piece.path)
+    path = epath.Path(piece.path)
     stats.files += piece.start == 0
     if piece.reader in ("arrow", "parquet"):
         yield from column_texts(piece, text_field, stats)
@@ -267,7 +271,7 @@ def piece_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[s
         yield from text.split("\x1f") if piece.reader == "info" else [text]  # GNU info: one document per node
 
 
-def read_counted(path: Path, stats: SourceStats) -> bytes:
+def read_counted(path: epath.Path, stats: SourceStats) -> bytes:
     data = path.read_bytes()
     stats.bytes += len(data)
     stats.hasher.update(data)
@@ -276,7 +280,7 @@ def read_counted(path: Path, stats: SourceStats) -> bytes:
 
 def jsonl_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[str]:
     """The lines that start in the piece's byte range, one at a time (gz: the whole file, streamed)."""
-    path = Path(piece.path)
+    path = epath.Path(piece.path)
     with open_binary(path) as f:
         if piece.start:
             f.seek(piece.start - 1)
@@ -292,12 +296,19 @@ def jsonl_texts(piece: Piece, text_field: str, stats: SourceStats) -> Iterator[s
                 yield json_text(decode(line, stats), text_field, lambda: f"{path}:{line_number(path, at)}")
 
 
-def open_binary(path: Path):
+@contextlib.contextmanager
+def open_binary(path: epath.Path):
     """A file's bytes, decompressed as they are read if it is gzipped."""
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    with path.open("rb") as raw:
+        yield gzip.GzipFile(fileobj=raw, mode="rb") if path.name.endswith(".gz") else raw
 
 
-def line_number(path: Path, offset: int) -> int:
+def parquet_file(path: epath.Path) -> pq.ParquetFile:
+    """Read in place: a local file by name, a bucket's through its file object."""
+    return pq.ParquetFile(path.open("rb") if storage.is_remote(path) else str(path))
+
+
+def line_number(path: epath.Path, offset: int) -> int:
     """The number of the line starting at byte `offset` (counted only for an error message)."""
     with open_binary(path) as f:
         return f.read(offset).count(b"\n") + 1

@@ -29,15 +29,19 @@ from pathlib import Path
 import grain
 import jax
 import numpy as np
+from etils import epath
 
-from mhc_jax.data.prepare import FORMAT, SPLITS
+from mhc_jax import storage
+from mhc_jax.data.prepare import FORMAT, SPLITS, TOKENIZER_COMPANIONS
 from mhc_jax.data.tokenizer import Tokenizer, load_tokenizer
 from mhc_jax.errors import UserError
 
 
 def load_manifest(data_dir: str | Path) -> dict:
     """The dataset's manifest, after checking that its shards are all there."""
-    data_dir = Path(data_dir)
+    if storage.is_remote(data_dir):
+        storage.check_reachable(data_dir, "data dir")
+    data_dir = epath.Path(data_dir)
     path = data_dir / "manifest.json"
     if not path.is_file():
         raise UserError(f"data dir {data_dir}: no manifest.json; make it with "
@@ -49,9 +53,10 @@ def load_manifest(data_dir: str | Path) -> dict:
         again = " ".join(flags)
         raise UserError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; prepare it again: "
                         f"python scripts/prepare_data.py --out={data_dir} {again} --overwrite")
+    present = {path.name for path in data_dir.iterdir()}  # one listing (a bucket answers each question remotely)
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
-            if not (data_dir / shard["file"]).is_file():
+            if shard["file"] not in present:
                 raise UserError(f"data dir {data_dir}: shard {shard['file']} listed in manifest.json is missing; "
                                 "prepare the data again with --overwrite")
     return manifest
@@ -65,7 +70,8 @@ def fingerprint(manifest: dict) -> str:
 
 
 def load_data_tokenizer(data_dir: str | Path, manifest: dict) -> Tokenizer:
-    return load_tokenizer(Path(data_dir) / manifest["tokenizer"]["file"], manifest["tokenizer"]["eos_token"])
+    tokenizer = epath.Path(data_dir) / manifest["tokenizer"]["file"]
+    return load_tokenizer(storage.local_copy(tokenizer, TOKENIZER_COMPANIONS), manifest["tokenizer"]["eos_token"])
 
 
 def resolve_vocab_size(model_vocab_size: int, manifest: dict, overridden: bool) -> int:
@@ -82,11 +88,13 @@ def resolve_vocab_size(model_vocab_size: int, manifest: dict, overridden: bool) 
 
 class TokenWindows(grain.sources.RandomAccessDataSource):
     """Example i of a split: its tokens [i * seq_len, (i + 1) * seq_len + 1) as int32. The split's
-    stream is its shards in order; each shard's records hold record_tokens tokens but its last."""
+    stream is its shards in order; each shard's records hold record_tokens tokens but its last.
+    Shards in a bucket are read in place (ArrayRecord's reader fetches the records it is asked for)."""
 
     def __init__(self, data_dir: str | Path, manifest: dict, split: str, seq_len: int):
         info = manifest["splits"][split]
-        self.records = grain.sources.ArrayRecordDataSource([str(Path(data_dir) / s["file"]) for s in info["shards"]])
+        self.records = grain.sources.ArrayRecordDataSource([str(epath.Path(data_dir) / s["file"])
+                                                            for s in info["shards"]])
         self.dtype = np.dtype(manifest["token_dtype"])
         self.record_tokens = manifest["record_tokens"]
         shard_tokens = np.array([s["tokens"] for s in info["shards"]])

@@ -25,6 +25,11 @@ finished folder is renamed into place at the end, so `NAME` is never half-writte
 removes the partial folder (the input has to change, and with it the plan). A finished folder
 made from the same recipe and the same files (names, sizes and modification times) is kept as it
 is, in the time it takes to list the files.
+
+`out` and the sources may be in a bucket (gs://...). Hosts that prepare together share `out`, a
+bucket or a shared file system. A bucket has no rename: shards are written on local disk, copied
+into the partial folder before their ledger entry, and the finished folder is copied into place,
+its manifest last (a folder without manifest.json is not a dataset to any reader).
 """
 
 import ctypes
@@ -38,13 +43,16 @@ import platform
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from concurrent import futures
 from pathlib import Path
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 
+from mhc_jax import storage
 from mhc_jax.data import corpus
 from mhc_jax.data.tokenizer import MIN_BPE_VOCAB, Tokenizer, file_sha256, gpt2_tokenizer, load_tokenizer, train_bpe
 from mhc_jax.errors import UserError
@@ -57,6 +65,8 @@ ENCODE_BATCH_BYTES = 1 << 20  # ... and text bytes (a worker's memory follows th
 SPLITS = ("train", "validation")
 POLL_SECONDS = 2  # how often a process waiting for another's work looks again
 PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
+COPY_THREADS = 16  # files copied at once when a finished folder is copied into place in a bucket
+TOKENIZER_COMPANIONS = ("tokenizer_config.json",)  # read with the tokenizer file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +88,12 @@ def in_validation(text: str, val_fraction: float) -> bool:
 
 
 class ShardWriter:
-    """Appends documents to one unit's part of a split, written as records of RECORD_TOKENS."""
+    """Appends documents to one unit's part of a split, written as records of RECORD_TOKENS into
+    `folder` (a bucket's shards: on local disk first, copied there once complete)."""
 
-    def __init__(self, folder: Path, prefix: str, dtype):
+    def __init__(self, folder: epath.Path, prefix: str, dtype):
         self.folder, self.prefix, self.dtype = folder, prefix, dtype
+        self.local = Path(tempfile.mkdtemp(prefix="mhc-jax-shards-")) if storage.is_remote(folder) else folder
         self.pending: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shards: list[dict] = []
@@ -105,7 +117,7 @@ class ShardWriter:
         if self.writer is None or self.shards[-1]["records"] == SHARD_RECORDS:
             self.close_shard()
             name = f"{self.prefix}-{len(self.shards):03d}.arrayrecord"
-            self.writer = ArrayRecordWriter(str(self.folder / name), "group_size:1")
+            self.writer = ArrayRecordWriter(str(self.local / name), "group_size:1")
             self.shards.append({"file": name, "records": 0, "tokens": 0})
         self.writer.write(tokens.tobytes())
         self.shards[-1]["records"] += 1
@@ -114,13 +126,19 @@ class ShardWriter:
     def close_shard(self) -> None:
         if self.writer is not None:
             self.writer.close()
-            self.shards[-1]["sha256"] = file_sha256(self.folder / self.shards[-1]["file"])
+            written = self.local / self.shards[-1]["file"]
+            self.shards[-1]["sha256"] = file_sha256(written)
+            if self.local != self.folder:
+                storage.copy_file(written, self.folder / written.name)
+                os.remove(written)
             self.writer = None
 
     def finish(self) -> dict:
         if self.pending_tokens:
             self.write_record(np.concatenate(self.pending))
         self.close_shard()
+        if self.local != self.folder:
+            shutil.rmtree(self.local)
         return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards),
                 "bytes": self.text_bytes, "shards": self.shards}
 
@@ -173,7 +191,7 @@ def recipe_record(recipe: Recipe) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(recipe)))  # tuples as lists, as in manifest.json
 
 
-def existing_dataset(out: Path, plan: dict, overwrite: bool) -> dict | None:
+def existing_dataset(out: epath.Path, plan: dict, overwrite: bool) -> dict | None:
     """The manifest already in `out` if it was made from this plan; None if `out` is free (or
     `overwrite`); UserError if it holds something else."""
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
@@ -189,18 +207,15 @@ def existing_dataset(out: Path, plan: dict, overwrite: bool) -> dict | None:
     raise UserError(f"--out: {out} already holds {what}; pass --overwrite to replace it, or choose another --out")
 
 
-def write_json(path: Path, value) -> None:
-    """Written whole or not at all (a reader never sees half a file)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(temporary, path)
+def write_json(path: epath.Path, value) -> None:
+    storage.write_whole(path, json.dumps(value, indent=1) + "\n")
 
 
-def read_json(path: Path):
+def read_json(path: epath.Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def encode_unit(building: Path, index: int, unit: corpus.Unit, recipe: Recipe, tokenizer: Tokenizer) -> dict:
+def encode_unit(building: epath.Path, index: int, unit: corpus.Unit, recipe: Recipe, tokenizer: Tokenizer) -> dict:
     """Unit `index`'s shards, then its ledger entry (what the manifest needs of it)."""
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     writers = {split: ShardWriter(building, f"{split}-{index:06d}", dtype) for split in SPLITS}
@@ -248,10 +263,10 @@ def worker_pool(workers: int, tokenizer_path: Path) -> futures.ProcessPoolExecut
 
 
 def worker_encode_unit(building: str, index: int, unit: corpus.Unit, recipe: Recipe) -> dict:
-    return encode_unit(Path(building), index, unit, recipe, _WORKER["tokenizer"])
+    return encode_unit(epath.Path(building), index, unit, recipe, _WORKER["tokenizer"])
 
 
-def run_units(building: Path, todo: list[int], units: list[corpus.Unit], recipe: Recipe, tokenizer_path: Path,
+def run_units(building: epath.Path, todo: list[int], units: list[corpus.Unit], recipe: Recipe, tokenizer_path: Path,
               workers: int) -> None:
     """Units `todo`, in this process (workers 0) or in that many worker processes."""
     progress = Progress(len(todo))
@@ -287,7 +302,8 @@ class Progress:
                   file=sys.stderr, flush=True)
 
 
-def assemble(building: Path, plan: dict, units: list[corpus.Unit], tokenizer_path: Path, command: str) -> dict:
+def assemble(building: epath.Path, plan: dict, units: list[corpus.Unit], tokenizer_path: epath.Path,
+             command: str) -> dict:
     """The manifest, from the ledger entries in unit order."""
     entries = [read_json(building / "ledger" / f"{index:06d}.json") for index in range(len(units))]
     splits = {split: {"documents": sum(e["splits"][split]["documents"] for e in entries),
@@ -304,7 +320,7 @@ def assemble(building: Path, plan: dict, units: list[corpus.Unit], tokenizer_pat
         if info["documents"] == 0:
             raise UserError(f"--val_fraction: {plan['recipe']['val_fraction']} leaves the {split} split empty "
                             f"({total} documents in all); choose a value that gives both splits documents")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(storage.local_copy(tokenizer_path, TOKENIZER_COMPANIONS))
     return {
         "format": FORMAT,
         "recipe": plan["recipe"],
@@ -335,24 +351,24 @@ def prepare(out: str | Path, recipe: Recipe, command: str, overwrite: bool = Fal
     than 0, which leaves the manifest to process 0) and whether it was built now (False: `out`
     already held this dataset, and nothing changed). Each of `process_count` processes (hosts
     sharing `out`'s file system) runs every process_count-th unit, in `workers` worker processes."""
-    out = Path(out)
+    out = epath.Path(out)
     check_recipe(recipe)
     units = corpus.plan(list(recipe.sources), recipe.unit_bytes)
     plan = plan_record(recipe, units)
-    manifest = existing_dataset(out, plan, overwrite)
-    if manifest is not None:
-        return manifest, False
     building = out.parent / f".{out.name}.partial"
     finished = read_json(building / "manifest.json")
-    if finished is not None and finished["plan"] == plan:  # stopped between the manifest and the rename
+    if finished is not None and finished["plan"] == plan:  # stopped while the folder was put in place
         if process_index == 0:
             finish(building, out)
         return finished, True
+    manifest = existing_dataset(out, plan, overwrite)
+    if manifest is not None:
+        return manifest, False
     try:
         tokenizer_path = start_building(building, plan, recipe, units, process_index)
         todo = [i for i in range(process_index, len(units), process_count)
                 if not (building / "ledger" / f"{i:06d}.json").is_file()]
-        run_units(building, todo, units, recipe, tokenizer_path, workers)
+        run_units(building, todo, units, recipe, storage.local_copy(tokenizer_path, TOKENIZER_COMPANIONS), workers)
         if process_index != 0:
             return None, True
         wait_for(lambda: all((building / "ledger" / f"{i:06d}.json").is_file() for i in range(len(units))),
@@ -362,31 +378,31 @@ def prepare(out: str | Path, recipe: Recipe, command: str, overwrite: bool = Fal
         finish(building, out)
     except UserError:
         if process_count == 1:  # bad input: nothing to resume from
-            shutil.rmtree(building, ignore_errors=True)
+            storage.remove(building)
         raise
     return manifest, True
 
 
-def start_building(building: Path, plan: dict, recipe: Recipe, units: list[corpus.Unit], process_index: int) -> Path:
+def start_building(building: epath.Path, plan: dict, recipe: Recipe, units: list[corpus.Unit],
+                   process_index: int) -> epath.Path:
     """The partial folder of this plan, with its tokenizer (a partial folder of another plan is
     started afresh); process 0 makes them, the others wait for them. Returns the tokenizer's path."""
     if process_index == 0:
         if read_json(building / "plan.json") != plan:
-            shutil.rmtree(building, ignore_errors=True)
+            storage.remove(building)
             (building / "ledger").mkdir(parents=True)
             write_json(building / "plan.json", plan)
         if not tokenizer_file(building):
-            staging = building / ".tokenizer"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
+            staging = Path(tempfile.mkdtemp(prefix="mhc-jax-tokenizer-"))
             saved = make_tokenizer(recipe, units).save(staging)
             for path in sorted(staging.iterdir(), key=lambda p: p == saved):  # the tokenizer itself last
-                os.replace(path, building / path.name)
+                storage.copy_file(path, building / path.name)
+            shutil.rmtree(staging)
     wait_for(lambda: read_json(building / "plan.json") == plan and tokenizer_file(building), "process 0's tokenizer")
     return tokenizer_file(building)
 
 
-def tokenizer_file(building: Path) -> Path | None:
+def tokenizer_file(building: epath.Path) -> epath.Path | None:
     return next((building / name for name in ("tokenizer.json", "tokenizer.model") if (building / name).is_file()),
                 None)
 
@@ -398,15 +414,25 @@ def wait_for(ready, what: str) -> None:
         time.sleep(POLL_SECONDS)
 
 
-def finish(building: Path, out: Path) -> None:
+def finish(building: epath.Path, out: epath.Path) -> None:
     """The bookkeeping out of the finished folder, and the folder into place."""
-    for name in ("ledger", ".tokenizer", "plan.json"):
-        path = building / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    commit(building, out)
+    for name in ("ledger", "plan.json"):
+        storage.remove(building / name)
+    copy_into_place(building, out) if storage.is_remote(out) else commit(building, out)
 
 
-def commit(building: Path, out: Path) -> None:
+def copy_into_place(building: epath.Path, out: epath.Path) -> None:
+    """A bucket's finished folder into place: copied, manifest.json last, then the partial folder
+    removed. Stopped at any point, `prepare` starts here again (the partial folder has it all)."""
+    storage.remove(out)
+    files = [path for path in building.iterdir() if path.name != "manifest.json"]
+    with futures.ThreadPoolExecutor(COPY_THREADS) as pool:
+        list(pool.map(lambda path: storage.copy_file(path, out / path.name), files))
+    storage.copy_file(building / "manifest.json", out / "manifest.json")
+    storage.remove(building)
+
+
+def commit(building: epath.Path, out: epath.Path) -> None:
     """Moves the finished folder into place; an old `out` is removed only once the new one is there."""
     if not out.exists():
         building.rename(out)

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from mhc_jax import sharding, workdirs
+from mhc_jax import sharding, storage
 from mhc_jax.data.tokenizer import file_sha256, load_tokenizer
 from mhc_jax.errors import UserError
 from mhc_jax.model.generate import Generator, bucket
@@ -77,7 +77,7 @@ class LanguageModel:
     """A checkpoint restored onto the devices present, with the tokenizer it was trained with."""
 
     def __init__(self, workdir, step: int | None = None, batch_size: int = 8, max_length: int = 2048):
-        workdir = workdirs.path(workdir)
+        workdir = storage.path(workdir)
         if not (workdir / "checkpoints").is_dir():
             raise UserError(f"--workdir: {workdir} has no checkpoints; train first with train.py --workdir={workdir}")
         checkpoints = checkpoint.Checkpoints(workdir, create=False)
@@ -164,7 +164,7 @@ def load_workdir_tokenizer(workdir, meta: dict):
     if not paths or file_sha256(paths[0]) != meta["tokenizer_sha256"]:
         raise UserError(f"--workdir: {workdir} lacks the tokenizer its checkpoints were trained with "
                         "(tokenizer.json or tokenizer.model, written by train.py); copy it from the data folder")
-    return load_tokenizer(workdirs.local_copy(paths[0]), meta.get("eos_token", ""))  # older checkpoints: not recorded
+    return load_tokenizer(storage.local_copy(paths[0]), meta.get("eos_token", ""))  # older checkpoints: not recorded
 
 
 def run(model: LanguageModel, data_dir: Path, limit: int | None, task: Task) -> dict:
@@ -209,8 +209,6 @@ def mean_metrics(rows: list[dict]) -> dict:
     return {name: float(np.mean([row[name] for row in rows])) for name in names}
 
 
-def write_results(path: Path, results: dict) -> None:
+def write_results(path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".partial")
-    temporary.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    temporary.replace(path)
+    storage.write_whole(path, json.dumps(results, indent=1, default=float) + "\n")

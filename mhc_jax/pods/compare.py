@@ -14,7 +14,7 @@ import json
 import ml_collections
 import numpy as np
 
-from mhc_jax import validation, workdirs
+from mhc_jax import storage, validation
 from mhc_jax.errors import UserError
 from mhc_jax.model import residual
 from mhc_jax.model.transformer import param_counts
@@ -59,7 +59,7 @@ def find_runs(roots: list[str]) -> list[RunResult]:
     """Every workdir with a config.json: a root itself, or the folders directly under it."""
     runs = []
     for root in roots:
-        path = workdirs.path(root)
+        path = storage.path(root)
         if not path.is_dir():
             raise UserError(f"{root}: no such folder")
         found = [path] if (path / "config.json").exists() else sorted(p for p in path.iterdir()

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from mhc_jax import workdirs
+from mhc_jax import storage
 from mhc_jax.errors import UserError
 from mhc_jax.pods.sweep import ROOT, Run, train_command
 
@@ -109,7 +109,7 @@ def write_tpu_script(runs: list[Run], root: str, folder: str, tpu: str, zone: st
     """FOLDER/tpu.sh (tpu_script); what to do next, in words."""
     if not (tpu and zone):
         raise UserError("--tpu_name, --tpu_zone: required with --launcher=tpu")
-    if not workdirs.is_remote(root):
+    if not storage.is_remote(root):
         raise UserError(f"--root: {root} is local, but a TPU slice's workers share no disk; use a bucket, "
                         "e.g. --root=gs://BUCKET/sweeps/NAME")
     path = write_script(folder, "tpu.sh", tpu_script(runs, root, tpu, zone, remote_dir, python))

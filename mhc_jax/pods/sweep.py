@@ -14,7 +14,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from mhc_jax import cli, config_rules, workdirs
+from mhc_jax import cli, config_rules, storage
 from mhc_jax.errors import UserError
 from mhc_jax.model.residual import VARIANTS
 from mhc_jax.training import checkpoint
@@ -44,7 +44,7 @@ class Run:
 
 
 def workdir(root: str, run: Run) -> str:
-    return str(workdirs.path(root) / run.name)
+    return str(storage.path(root) / run.name)
 
 
 def load_module(path: str, name: str):
@@ -101,7 +101,7 @@ def config_file():
 
 def finished(root: str, run: Run) -> bool:
     """The run's committed checkpoints reach its train.steps."""
-    path = workdirs.path(workdir(root, run))
+    path = storage.path(workdir(root, run))
     if not (path / "config.json").exists():
         return False
     steps = json.loads((path / "config.json").read_text())["train"]["steps"]

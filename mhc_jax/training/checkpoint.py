@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mhc_jax import workdirs
+from mhc_jax import storage
 from mhc_jax.errors import UserError
 
 # What reading a damaged or vanishing checkpoint raises: orbax and tensorstore raise many kinds, plain
@@ -31,7 +31,7 @@ class Checkpoints:
         # writer a step can vanish in between (reload() lists again).
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=create,
                                                lightweight_initialize=not create)
-        self.directory = workdirs.path(workdir) / "checkpoints"
+        self.directory = storage.path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 

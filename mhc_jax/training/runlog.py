@@ -10,7 +10,7 @@ import jax
 from etils import epath
 from tqdm import tqdm
 
-from mhc_jax import workdirs
+from mhc_jax import storage
 from mhc_jax.training.tensorboard_writer import TensorBoardWriter
 
 
@@ -18,12 +18,11 @@ class RunLog:
     """metrics.jsonl, TensorBoard, the progress bar and wandb; everything is a no-op outside process 0.
 
     The workdir may be a bucket (gs://...), where files cannot be appended to: metrics.jsonl is
-    rewritten whole at every write, through a temporary file renamed over it, so a reader never
-    sees a partial file."""
+    rewritten whole at every write (`storage.write_whole`), so a reader never sees a partial file."""
 
     def __init__(self, workdir: str | epath.Path, config, start_step: int):
         self.active = jax.process_index() == 0
-        self.path = workdirs.path(workdir) / "metrics.jsonl"
+        self.path = storage.path(workdir) / "metrics.jsonl"
         self.lines = []
         self.wandb_run = self.bar = self.tensorboard = None
         if not self.active:
@@ -32,9 +31,9 @@ class RunLog:
             self.lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
             self.flush()
         if config.log.tensorboard:
-            self.tensorboard = TensorBoardWriter(workdirs.path(workdir) / "tensorboard")
+            self.tensorboard = TensorBoardWriter(storage.path(workdir) / "tensorboard")
         if config.log.wandb:
-            self.wandb_run = start_wandb(workdirs.path(workdir), config)
+            self.wandb_run = start_wandb(storage.path(workdir), config)
         if config.log.progress:
             self.bar = tqdm(total=config.train.steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -51,9 +50,7 @@ class RunLog:
             self.wandb_run.log(scalars, step=record["step"])
 
     def flush(self) -> None:
-        partial = self.path.parent / (self.path.name + ".partial")
-        partial.write_text("".join(line + "\n" for line in self.lines))
-        partial.replace(self.path)
+        storage.write_whole(self.path, "".join(line + "\n" for line in self.lines))
 
     def note(self, message: str) -> None:
         """A line for the person watching (process 0), above the progress bar."""
@@ -82,7 +79,7 @@ def start_wandb(workdir: epath.Path, config):
     id_file = workdir / "wandb_run_id"
     if not id_file.exists():
         id_file.write_text(secrets.token_hex(8))
-    files = tempfile.mkdtemp(prefix="mhc-jax-wandb-") if workdirs.is_remote(workdir) else str(workdir)
+    files = tempfile.mkdtemp(prefix="mhc-jax-wandb-") if storage.is_remote(workdir) else str(workdir)
     return wandb.init(project=config.log.wandb_project, mode=config.log.wandb_mode, dir=files,
                       id=id_file.read_text().strip(), resume="allow", name=workdir.name,
                       group=config.log.wandb_group or None, config=config.to_dict())

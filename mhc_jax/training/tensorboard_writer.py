@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from mhc_jax import workdirs
+from mhc_jax import storage
 
 _CRC_TABLE = []
 for _n in range(256):
@@ -49,10 +49,10 @@ class TensorBoardWriter:
     """Appends to a local event file; on a bucket (no appends there) flush rewrites the whole file."""
 
     def __init__(self, logdir):
-        folder = workdirs.path(logdir)
+        folder = storage.path(logdir)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.0"
-        self._buffer = bytearray() if workdirs.is_remote(logdir) else None
+        self._buffer = bytearray() if storage.is_remote(logdir) else None
         self._file = None if self._buffer is not None else self.path.open("ab")
         self._write(_field(3, b"brain.Event:2"))
         self.flush()

@@ -22,9 +22,10 @@ import grain
 import jax
 import numpy as np
 import optax
+from etils import epath
 from jax.experimental import multihost_utils
 
-from mhc_jax import plots, sharding, validation, workdirs
+from mhc_jax import plots, sharding, storage, validation
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
 from mhc_jax.model import attention_kernels, moe, residual
@@ -45,8 +46,8 @@ class TrainingDiverged(Exception):
 def open_data(config, vocab_overridden: bool) -> dict:
     """The data manifest (process 0 prepares data/default on first use), the same on every process;
     sets model.vocab_size from it."""
-    data_dir = Path(config.data.dir)
-    if not (data_dir / "manifest.json").exists() and data_dir == Path(DEFAULT_DATA_DIR):
+    data_dir = config.data.dir
+    if Path(data_dir) == Path(DEFAULT_DATA_DIR) and not (Path(data_dir) / "manifest.json").exists():
         if jax.process_index() == 0:
             print(f"preparing {data_dir} (first use; see scripts/prepare_data.py)", flush=True)
             prepare.prepare(data_dir, prepare.Recipe(), command="train.py, on first use of data/default")
@@ -60,7 +61,7 @@ def open_data(config, vocab_overridden: bool) -> dict:
     return manifest
 
 
-def check_same_data_everywhere(data_dir: Path, manifest: dict | None, problem: UserError | None) -> None:
+def check_same_data_everywhere(data_dir: str, manifest: dict | None, problem: UserError | None) -> None:
     """Every process reads its own copy of the data folder: all must hold the same one, or all stop
     with the same line (none trains on missing data or waits for one that stopped)."""
     if jax.process_count() > 1:
@@ -210,7 +211,7 @@ class Training:
 def setup(config, workdir, vocab_overridden: bool = False) -> Training:
     """Everything a run needs before its first step: checks, data, the compiled model, and the state
     restored from WORKDIR/checkpoints or freshly initialized."""
-    workdir = workdirs.path(workdir)
+    workdir = storage.path(workdir)
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
     check_mesh(config, mesh)
@@ -267,7 +268,7 @@ def write_run_files(config, manifest, sources, workdir) -> None:
                                                    "fingerprint": pipeline.data_fingerprint(manifest, sources),
                                                    "tokenizer_sha256": manifest["tokenizer"]["sha256"]}) + "\n")
     tokenizer_file = manifest["tokenizer"]["file"]
-    (workdir / tokenizer_file).write_bytes((Path(config.data.dir) / tokenizer_file).read_bytes())
+    (workdir / tokenizer_file).write_bytes((epath.Path(config.data.dir) / tokenizer_file).read_bytes())
 
 
 def loop(run: Training) -> None:
@@ -346,7 +347,7 @@ def teardown(run: Training) -> None:
 
 def train(config, workdir, vocab_overridden: bool = False) -> None:
     """Trains to `train.steps` (or `train.stop_at_step`), resuming from WORKDIR/checkpoints (a local
-    folder or a bucket path, see workdirs.py)."""
+    folder or a bucket path, see storage.py)."""
     run = setup(config, workdir, vocab_overridden)
     try:
         loop(run)
