@@ -148,6 +148,9 @@ def test_a_bucket_that_cannot_be_reached_is_one_line(server, tmp_path):
     assert_user_error(trained, "--workdir: cannot reach gs://no-such-bucket/run")
     trained = run_train(tmp_path / "run", devices=1, data_dir=f"{missing}/data")
     assert_user_error(trained, "data dir: cannot reach gs://no-such-bucket/data")
+    swept = subprocess.run([sys.executable, "scripts/sweep.py", f"--root={missing}/sweep", "--launcher=print"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_user_error(swept, "--root: cannot reach gs://no-such-bucket/sweep", "gcsfs")
     with pytest.raises(UserError, match="--source: gs://bucket/absent.jsonl does not exist"):
         prepare.prepare(tmp_path / "out", prepare.Recipe(sources=(f"{BUCKET}/absent.jsonl",)), command="test")
 
