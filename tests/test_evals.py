@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import assert_user_error, corpus_documents, prepare_small_corpus, xla_flags
+from helpers import WORDS, assert_user_error, corpus_documents, prepare_small_corpus, xla_flags
 from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import aggregate_subtask_metrics
 
@@ -57,6 +57,27 @@ def test_batching_changes_no_loglikelihood(workdir):
     np.testing.assert_allclose([s for s, _ in together], [s for s, _ in alone], rtol=1e-5)
     assert [g for _, g in together] == [g for _, g in alone]
     assert all(s < 0 for s, _ in alone)
+
+
+@pytest.mark.slow
+def test_one_token_answers_share_their_contexts_pass_and_score_as_alone(workdir):
+    """MMLU-style requests (four one-token answers per context, as ' A' .. ' D' are in a real
+    vocabulary) scored from one pass per context
+    equal each request scored as a whole sequence of its own."""
+    model = LanguageModel(workdir, batch_size=4)
+    contexts = [f"{text}\nAnswer:" for text in corpus_documents(6)[:3]] + ["x" * 300]
+    answers = [f" {word}" for word in WORDS if len(model.tokenizer.encode_batch([f" {word}"])[0]) == 1][:4]
+    assert len(answers) == 4
+    requests = [(context, answer) for context in contexts for answer in answers]
+    passes = []
+    original = model.score_next_tokens
+    model.score_next_tokens = lambda groups, desc="": passes.append(len(groups)) or original(groups, desc)
+    shared = model.loglikelihood(requests)
+    assert passes == [len(contexts)]
+    alone = model.score_tokens([(lambda c, a: (c + a, len(a)))(*model.encode_pair(*r)) for r in requests])
+    np.testing.assert_allclose([s for s, _ in shared], [s for s, _ in alone], rtol=0, atol=1e-5)
+    assert [g for _, g in shared] == [g for _, g in alone] and all(s < 0 for s, _ in shared)
+    assert len({s for s, _ in shared[:4]}) == 4  # four answers, four scores
 
 
 @pytest.mark.slow

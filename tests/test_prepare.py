@@ -199,19 +199,23 @@ def test_bad_inputs_fail_cleanly(tmp_path):
 @pytest.mark.slow
 def test_a_different_dataset_is_kept_unless_overwrite(tmp_path):
     source, out = write_source(tmp_path / "source", "jsonl"), tmp_path / "out"
-    assert run_prepare(f"--out={out}", f"--source={source}", "--vocab_size=400", "--val_fraction=0.25").returncode == 0
+
+    def recipe(vocab_size):
+        return prepare.Recipe(sources=(str(source),), vocab_size=vocab_size, val_fraction=0.25)
+
+    prepare.prepare(out, recipe(400), command="test")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert_user_error(run_prepare(f"--out={out}", f"--source={source}", "--vocab_size=300", "--val_fraction=0.25"),
-                      "different dataset", "--overwrite")
+    with pytest.raises(UserError, match="--out: .* already holds a different dataset; pass --overwrite"):
+        prepare.prepare(out, recipe(300), command="test")
     assert before == {p.name: p.read_bytes() for p in out.iterdir()}
-    result = run_prepare(f"--out={out}", f"--source={source}", "--vocab_size=300", "--val_fraction=0.25", "--overwrite")
-    assert result.returncode == 0, result.stderr
+    prepare.prepare(out, recipe(300), command="test", overwrite=True)
     assert json.loads((out / "manifest.json").read_text())["tokenizer"]["vocab_size"] == 300
     assert no_leftovers(tmp_path)
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
-    assert_user_error(run_prepare(f"--out={stranger}", f"--source={source}"), "not a dataset")
+    with pytest.raises(UserError, match="files that are not a dataset"):
+        prepare.prepare(stranger, recipe(300), command="test")
     assert (stranger / "notes.txt").read_text() == "mine"
 
 

@@ -6,6 +6,9 @@ Log-likelihoods follow lm-evaluation-harness: the context's trailing whitespace 
 continuation, the continuation's tokens are those of tokenize(context + continuation) past
 tokenize(context), and a request longer than `max_length` keeps its last `max_length` tokens.
 Requests are sorted by length and padded to power-of-two widths, so batching changes no score.
+Requests with the same context whose continuations are one token each (MMLU's " A" .. " D") are
+scored together from one forward pass over the context: causal attention makes the context's last
+logits the same that each request's own pass computes.
 """
 
 import dataclasses
@@ -96,6 +99,14 @@ class LanguageModel:
         logprobs_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
         return logprobs_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def _next_token_logprobs(self, params, inputs_BT, last_B, candidates_BK):
+        with jax.sharding.use_abstract_mesh(self.generator.mesh):
+            logits_BTV = nnx.merge(self.graphdef, params)(inputs_BT)
+        logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+        logprobs_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), candidates_BK, axis=1)
+        return logprobs_BK, jnp.argmax(logits_BV, axis=-1)[:, None] == candidates_BK
+
     def score_tokens(self, sequences: list[tuple[list[int], int]], desc: str = "") -> list[tuple[float, bool]]:
         """For token sequences each with a number of scored tokens at its end: the summed
         log-probability of those tokens and whether each was the greedy choice."""
@@ -115,14 +126,48 @@ class LanguageModel:
                 results[i] = (float(logprobs[r, span].sum()), bool(greedy[r, span].all()))
         return results
 
+    def score_next_tokens(self, contexts: list[tuple[list[int], list[int]]], desc: str = "") -> list[list]:
+        """For token contexts each with candidate next tokens: each candidate's log-probability
+        after the context and whether it is the greedy choice, from one pass over the context."""
+        if not contexts:
+            return []
+        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i][0]))
+        width_k = bucket(max(len(candidates) for _, candidates in contexts), smallest=1)
+        results: list = [None] * len(contexts)
+        for first in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=not desc, leave=False):
+            rows = order[first:first + self.batch_size]
+            inputs = np.zeros((self.batch_size, bucket(max(len(contexts[i][0]) for i in rows))), np.int32)
+            last, candidates = np.zeros(self.batch_size, np.int32), np.zeros((self.batch_size, width_k), np.int32)
+            for r, i in enumerate(rows):
+                tokens, choices = contexts[i]
+                inputs[r, :len(tokens)], last[r], candidates[r, :len(choices)] = tokens, len(tokens) - 1, choices
+            logprobs, greedy = jax.device_get(self._next_token_logprobs(self.params, inputs, last, candidates))
+            for r, i in enumerate(rows):
+                results[i] = [(float(logprobs[r, k]), bool(greedy[r, k])) for k in range(len(contexts[i][1]))]
+        return results
+
     def loglikelihood(self, requests: list[tuple[str, str]], desc: str = "") -> list[tuple[float, bool]]:
-        """log P(continuation | context) and whether greedy decoding would produce it."""
-        sequences = []
-        for context, continuation in requests:
+        """log P(continuation | context) and whether greedy decoding would produce it. One-token
+        continuations of the same context share one pass (`score_next_tokens`)."""
+        sequences, shared = [], {}  # whole sequences to score; context -> [(request, its one token)]
+        for index, (context, continuation) in enumerate(requests):
             context_ids, continuation_ids = self.encode_pair(context, continuation)
             tokens = (context_ids + continuation_ids)[-(self.max_length + 1):]
-            sequences.append((tokens, len(continuation_ids)))
-        return self.score_tokens(sequences, desc)
+            if len(continuation_ids) == 1:
+                shared.setdefault(tuple(tokens[:-1]), []).append((index, tokens[-1]))
+            else:
+                sequences.append((index, tokens, len(continuation_ids)))
+        results: list = [None] * len(requests)
+        scored = self.score_tokens([(tokens, count) for _, tokens, count in sequences], desc)
+        for (index, _, _), result in zip(sequences, scored):
+            results[index] = result
+        groups = list(shared.values())
+        scored = self.score_next_tokens([(list(context), [token for _, token in group])
+                                         for context, group in shared.items()], desc)
+        for group, row in zip(groups, scored):
+            for (index, _), result in zip(group, row):
+                results[index] = result
+        return results
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         trailing = len(context) - len(context.rstrip())
