@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent import futures
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,8 @@ def upload(local: Path, remote: str) -> None:
 
 
 def test_a_folder_prepared_into_a_bucket_from_a_bucket_equals_a_local_one(server, tmp_path):
-    """Sources and output in the bucket, 2 workers: the same shards, byte for byte, as one local
-    process makes; a rerun does nothing; the windows read in place equal the local ones."""
+    """Sources and output in the bucket, 2 workers or 2 hosts: the same shards, byte for byte, as one
+    local process makes; a rerun does nothing; the windows read in place equal the local ones."""
     source = tmp_path / "docs.jsonl"
     source.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents(600)))
     upload(tmp_path, f"{BUCKET}/sources")
@@ -64,6 +65,11 @@ def test_a_folder_prepared_into_a_bucket_from_a_bucket_equals_a_local_one(server
         assert (epath.Path(out) / shard["file"]).read_bytes() == (tmp_path / "data" / shard["file"]).read_bytes()
     assert not epath.Path(f"{BUCKET}/data/.small.partial").exists()
     assert prepare.prepare(out, remote_recipe, command="test") == (remote, False)
+    hosts = f"{BUCKET}/data/two-hosts"  # two hosts sharing the bucket, each preparing its half of the units
+    with futures.ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(lambda p: prepare.prepare(hosts, remote_recipe, command="test", process_index=p,
+                                                       process_count=2)[0], (0, 1)))
+    assert made[1] is None and pipeline.fingerprint(made[0]) == pipeline.fingerprint(local)
     manifest = pipeline.load_manifest(out)
     windows = [pipeline.TokenWindows(folder, manifest, "train", 64) for folder in (out, tmp_path / "data")]
     assert len(windows[0]) == len(windows[1])
@@ -139,18 +145,17 @@ def test_run_files_in_a_bucket_are_written_whole_and_read_back(server):
 
 @pytest.mark.slow
 def test_a_bucket_that_cannot_be_reached_is_one_line(server, tmp_path):
-    """A bucket that does not exist, for each command's path flag: exit 2, one line naming the flag."""
+    """A bucket that does not exist: prepare_data.py stops with one line naming --out (exit 2); the
+    other path flags go through the same check and name theirs."""
     missing = "gs://no-such-bucket"
     prepared = subprocess.run([sys.executable, "scripts/prepare_data.py", f"--out={missing}/data"], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
     assert_user_error(prepared, "--out: cannot reach gs://no-such-bucket/data", "no bucket no-such-bucket")
-    trained = run_train(f"{missing}/run", devices=1)
-    assert_user_error(trained, "--workdir: cannot reach gs://no-such-bucket/run")
-    trained = run_train(tmp_path / "run", devices=1, data_dir=f"{missing}/data")
-    assert_user_error(trained, "data dir: cannot reach gs://no-such-bucket/data")
-    swept = subprocess.run([sys.executable, "scripts/sweep.py", f"--root={missing}/sweep", "--launcher=print"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert_user_error(swept, "--root: cannot reach gs://no-such-bucket/sweep", "gcsfs")
+    for flag in ("--workdir", "--root"):  # train.py and eval.py; sweep.py
+        with pytest.raises(UserError, match=f"^{flag}: cannot reach {missing}/run .*no bucket no-such-bucket"):
+            storage.check_reachable(f"{missing}/run", flag)
+    with pytest.raises(UserError, match=f"^data dir: cannot reach {missing}/data"):
+        pipeline.load_manifest(f"{missing}/data")
     with pytest.raises(UserError, match="--source: gs://bucket/absent.jsonl does not exist"):
         prepare.prepare(tmp_path / "out", prepare.Recipe(sources=(f"{BUCKET}/absent.jsonl",)), command="test")
 
