@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import aggregate_subtask_metrics
 
 from mhc_jax.errors import UserError
-from mhc_jax.evals import eval_data, hellaswag, registry, triviaqa
+from mhc_jax.evals import eval_data, hellaswag, registry, speed, triviaqa
 from mhc_jax.evals.harness import LanguageModel, aggregate
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
 
@@ -223,6 +223,17 @@ def test_every_task_end_to_end(workdir, fetched_eval_data):
     assert again.returncode == 0, again.stderr
     merged = json.loads((workdir / "eval" / "4" / "results.json").read_text())
     assert merged["tasks"]["piqa"]["n"] == 1 and merged["tasks"]["mmlu"] == results["tasks"]["mmlu"]
+
+
+@pytest.mark.slow
+def test_the_speed_benchmark_times_each_task_and_keeps_its_score(workdir, fetched_eval_data):
+    data_dir, _ = fetched_eval_data
+    report = speed.benchmark(workdir, data_dir, ["piqa", "perplexity"], 2, batch_size=4, max_length=256)
+    assert list(report["tasks"]) == ["piqa", "perplexity"] and report["step"] == 4 and report["load_seconds"] > 0
+    for name, task in report["tasks"].items():
+        assert task["examples"] == 2 and task["examples_per_sec"] == pytest.approx(2 / task["seconds"])
+    alone = registry.TASKS["piqa"](LanguageModel(workdir, batch_size=4, max_length=256), data_dir, 2)
+    assert report["tasks"]["piqa"]["acc"] == alone["metrics"]["acc"]
 
 
 @pytest.mark.slow
