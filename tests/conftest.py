@@ -1,6 +1,6 @@
 """Test setup: 8 simulated CPU devices and fast compilation (set before jax loads), a compilation
-cache, the modules' order, the `variant` fixture, and the folders built once per session (shared
-by the xdist workers): the fetched benchmark folder, data/default and the straight training run."""
+cache, the `variant` fixture, and the folders built once per session (shared by the xdist workers):
+the fetched benchmark folder, data/default and the straight training run."""
 
 import os
 import tempfile
@@ -25,20 +25,6 @@ from helpers import ROOT, STRAIGHT, run_fetch, run_train, xla_flags
 
 from mhc_jax.data import pipeline
 from mhc_jax.model.residual import VARIANTS
-
-# The slowest modules, slowest first (seconds of test time in `make test` on the 2-core VM,
-# 2026-12-06: 159, 119, 81, 75, 71, 67, 55, 49, 49, 48, 45, 40, 37, 36, 34, 33); the others follow
-# in name order. The two xdist workers take modules in this order (pytest.ini:
-# --no-loadscope-reorder), so they finish within seconds of each other.
-SLOWEST_FIRST = ("test_trainer.py", "test_evals.py", "test_moe.py", "test_stability.py", "test_failures.py",
-                 "test_model.py", "test_trainer_moe.py", "test_pods.py", "test_sweep.py", "test_cli.py",
-                 "test_buckets.py", "test_prepare.py", "test_attention_kernels.py", "test_golden.py",
-                 "test_generate.py", "test_data.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(params=tuple(VARIANTS))
