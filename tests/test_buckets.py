@@ -48,6 +48,7 @@ def upload(local: Path, remote: str) -> None:
         storage.copy_file(path, target)
 
 
+@pytest.mark.slow  # 2 worker processes
 def test_a_folder_prepared_into_a_bucket_from_a_bucket_equals_a_local_one(server, tmp_path):
     """Sources and output in the bucket, 2 workers or 2 hosts: the same shards, byte for byte, as one
     local process makes; a rerun does nothing; the windows read in place equal the local ones."""
