@@ -10,7 +10,6 @@ cluster, or CPU processes on one machine) run the same command with --distribute
 
 import sys
 
-import jax
 from absl import flags
 from ml_collections import config_flags
 
@@ -19,20 +18,14 @@ from mhc_jax.training import trainer
 
 CONFIG = cli.define_config_flag()
 WORKDIR = flags.DEFINE_string("workdir", None, "where config.json, metrics.jsonl and checkpoints/ go")
-DISTRIBUTED = flags.DEFINE_bool("distributed", False, "start JAX's multi-process runtime, detecting the cluster "
-                                "(TPU pod, SLURM, ...) unless the three flags below say otherwise")
-COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "how many processes run this command")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
+cli.define_process_flags()
 
 
 def main(argv):
     cli.expect(argv, (WORKDIR, "runs/mhc-10m"))
     config = cli.load_config(CONFIG)
     storage.check_reachable(WORKDIR.value, "--workdir")
-    if DISTRIBUTED.value or (NUM_PROCESSES.value or 1) > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
-        jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
+    cli.start_processes()
     overrides = config_flags.get_override_values(flags.FLAGS["config"])
     try:
         trainer.train(config, WORKDIR.value, vocab_overridden="model.vocab_size" in overrides)

@@ -1,10 +1,12 @@
-"""Command-line plumbing shared by train.py, eval.py and scripts/: the --config flag and the
-user-error contract (one line on stderr naming the field or file and the fix, exit code 2)."""
+"""Command-line plumbing shared by train.py, eval.py and scripts/: the --config flag, the flags of
+multi-process runs and the user-error contract (one line on stderr naming the field or file and
+the fix, exit code 2)."""
 
 import errno
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -17,6 +19,29 @@ def define_config_flag() -> flags.FlagHolder:
     """--config=configs/pretrain.py:<variant>,<scale>, for the scripts that take a config."""
     return config_flags.DEFINE_config_file(
         "config", None, "configs/pretrain.py:<variant>,<scale>, e.g. configs/pretrain.py:mhc,10m")
+
+
+def define_process_flags() -> None:
+    """--distributed, --coordinator_address, --num_processes, --process_id: how the processes of one
+    run (a TPU pod, a GPU cluster, CPU processes on one machine) find each other (`start_processes`)."""
+    flags.DEFINE_bool("distributed", False, "start JAX's multi-process runtime, detecting the cluster "
+                      "(TPU pod, SLURM, ...) unless the three flags below say otherwise")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
+    flags.DEFINE_integer("num_processes", None, "how many processes run this command")
+    flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
+
+
+def start_processes() -> None:
+    """Joins the run's other processes when the flags of `define_process_flags` ask for it."""
+    f = flags.FLAGS
+    if not (f.distributed or (f.num_processes or 1) > 1):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over gloo
+    try:
+        jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    except ValueError as e:  # no cluster detected and not every flag given
+        raise UserError(f"--distributed: no TPU pod or SLURM job found here ({str(e).rstrip('.')}); run it inside one, or give "
+                        "--coordinator_address, --num_processes and --process_id") from None
 
 
 def define_choices(name: str, default: list[str], choices, help: str) -> flags.FlagHolder:

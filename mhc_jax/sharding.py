@@ -92,6 +92,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def mesh_of(arrays) -> Mesh | None:
+    """The mesh that (concrete) arrays are laid out on; None for arrays on one device."""
+    layout = jax.tree.leaves(arrays)[0].sharding
+    return layout.mesh if isinstance(layout, NamedSharding) else None
+
+
+def batch_layout(shape: tuple, mesh: Mesh | None) -> NamedSharding | None:
+    """How a batch of this shape lies on the mesh: rows split over the data-parallel axes where they
+    divide, else whole on every device (a scalar: whole)."""
+    if mesh is None:
+        return None
+    return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh) if shape else PartitionSpec())
+
+
+def global_batch(array: np.ndarray, mesh: Mesh | None) -> jax.Array:
+    """A batch that every process holds whole on its host, as one array over the mesh (batch_layout)."""
+    if mesh is None:
+        return jax.numpy.asarray(array)
+    return jax.make_array_from_callback(array.shape, batch_layout(array.shape, mesh), lambda index: array[index])
+
+
+def everywhere(tree):
+    """Inside jit under a mesh: results replicated, so that every process can read all of them."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, PartitionSpec()), tree)
+
+
 def abstract_mesh_of(arrays) -> jax.sharding.AbstractMesh:
     """The mesh that (concrete) arrays are laid out on, an empty one for arrays on one device. A
     jitted function traced under it (`jax.sharding.use_abstract_mesh`) applies `constrain`; without

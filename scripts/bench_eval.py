@@ -9,14 +9,14 @@ import json
 from absl import flags
 
 from mhc_jax import cli, storage
-from mhc_jax.evals import eval_data, speed
+from mhc_jax.evals import eval_data, serving, speed
 from mhc_jax.evals.registry import TASKS
 
 WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir with checkpoints")
 TASK_NAMES = cli.define_choices("tasks", ["mmlu", "gsm8k", "bbh", "drop"], TASKS, "the tasks to time")
 LIMIT = flags.DEFINE_integer("limit", 20, "the first K examples of each task", lower_bound=1)
 DATA_DIR = flags.DEFINE_string("data_dir", "data/eval", "the folder made by scripts/fetch_eval_data.py")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass", lower_bound=1)
+BATCH_SIZE, MESH = serving.define_flags()
 MAX_LENGTH = flags.DEFINE_integer("max_length", 2048, "prompts are cut to their last this many tokens", lower_bound=2)
 JSON = flags.DEFINE_bool("json", False, "print the result as JSON")
 
@@ -26,8 +26,8 @@ def main(argv):
     storage.check_reachable(WORKDIR.value, "--workdir")
     if any(name != "perplexity" for name in TASK_NAMES.value):
         eval_data.check(DATA_DIR.value)
-    result = speed.benchmark(WORKDIR.value, DATA_DIR.value, TASK_NAMES.value, LIMIT.value, BATCH_SIZE.value,
-                             MAX_LENGTH.value)
+    result = speed.benchmark(WORKDIR.value, DATA_DIR.value, TASK_NAMES.value, LIMIT.value,
+                             serving.parse_batch_size(BATCH_SIZE.value), MAX_LENGTH.value, MESH.value)
     if JSON.value:
         print(json.dumps(result, indent=1))
         return

@@ -13,14 +13,14 @@ from absl import flags
 
 from mhc_jax import cli, storage
 from mhc_jax.errors import UserError
-from mhc_jax.evals import eval_data, lmeval_check
+from mhc_jax.evals import eval_data, lmeval_check, serving
 
 WORKDIR = flags.DEFINE_string("workdir", None, "a train.py workdir with checkpoints")
 STEP = flags.DEFINE_integer("step", None, "the checkpoint step (default: the newest)")
 TASK_NAMES = cli.define_choices("tasks", list(lmeval_check.TASKS), lmeval_check.TASKS, "the tasks")
 LIMIT = flags.DEFINE_integer("limit", 5, "the first K examples of each task", lower_bound=1)
 DATA_DIR = flags.DEFINE_string("data_dir", "data/eval", "the folder made by scripts/fetch_eval_data.py")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "sequences per forward pass")
+BATCH_SIZE, MESH = serving.define_flags()
 
 
 def main(argv):
@@ -31,7 +31,7 @@ def main(argv):
         from mhc_jax.evals.lm_eval_adapter import HarnessModel
     except ImportError:
         raise UserError("lm-eval is not installed; pip install -r requirements-test.txt (lm-eval==0.4.13)") from None
-    adapter = HarnessModel(WORKDIR.value, STEP.value, BATCH_SIZE.value)
+    adapter = HarnessModel(WORKDIR.value, STEP.value, BATCH_SIZE.value, mesh=MESH.value)
     print(f"{WORKDIR.value} step {adapter.model.step}: our eval.py path against lm-eval 0.4.13's tasks, "
           f"first {LIMIT.value} examples")
     all_agree = True

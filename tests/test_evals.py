@@ -16,10 +16,12 @@ from helpers import WORDS, assert_user_error, corpus_documents, prepare_small_co
 from lm_eval.api.instance import Instance
 from lm_eval.api.metrics import aggregate_subtask_metrics
 
+from configs.pretrain import get_config
 from mhc_jax.errors import UserError
-from mhc_jax.evals import eval_data, hellaswag, registry, speed, triviaqa
+from mhc_jax.evals import eval_data, hellaswag, registry, serving, speed, triviaqa
 from mhc_jax.evals.harness import LanguageModel, aggregate
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
+from mhc_jax.pods import eval_estimate, topology
 
 ROOT = Path(__file__).parents[1]
 ALL_TASKS = ",".join(registry.TASKS)
@@ -38,10 +40,10 @@ def workdir(tmp_path_factory):
     return folder / "run"
 
 
-def run_eval(*args):
+def run_eval(*args, devices: int = 1):
     """eval.py on one CPU device (decoding is step by step: 8 simulated devices only add overhead;
     the in-process tests here run sharded over 8)."""
-    env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices)}
     return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env=env)
 
@@ -83,16 +85,62 @@ def test_one_token_answers_share_their_contexts_pass_and_score_as_alone(workdir)
 @pytest.mark.slow
 def test_scoring_and_decoding_split_the_batch_over_the_devices(workdir):
     """Traced under the parameters' mesh, the model's sharding constraints apply: each of the 8
-    devices scores and decodes its share of the batch (computed whole on every device, an 8-device
-    forward pass ran 8x slower than one device's)."""
+    devices makes the logits of its share of the batch (computed whole on every device, an 8-device
+    forward pass ran 8x slower than one device's); only the scores come back whole."""
     assert jax.device_count() == 8
     model = LanguageModel(workdir, batch_size=8)
-    tokens_BT = np.zeros((8, 64), np.int32)
-    scoring = model._token_logprobs.lower(model, model.params, tokens_BT, tokens_BT).compile()
-    prefill = model.generator._prefill.lower(model.generator, model.params, tokens_BT, np.zeros(8, np.int32),
-                                             128).compile()
+    vocab = model.config.model.vocab_size
+    scoring = model._token_logprobs.lower(model, model.params, *[model.abstract((8, 64))] * 2).compile()
+    prefill = model.generator.compiled_prefill(8, 64, 16)
     for compiled in (scoring, prefill):
-        assert compiled.output_shardings[0].spec[0] is not None, compiled.output_shardings[0]
+        hlo = compiled.as_text()
+        assert f"f32[1,64,{vocab}]" in hlo and f"f32[8,64,{vocab}]" not in hlo
+    assert scoring.output_shardings[0].is_fully_replicated
+
+
+@pytest.mark.slow
+def test_auto_batches_fill_the_device_and_never_exceed_it(workdir):
+    """--batch_size=auto on 8 devices: more than 8 rows where they fit (scores as at 8 rows); on a
+    device with less memory, the most rows whose compiled step fits it; none fitting: one line."""
+    requests = REQUESTS * 8
+    model = LanguageModel(workdir)
+    assert model.batch_size == "auto" and dict(model.mesh.shape)["data"] == 8
+    scores = model.loglikelihood(requests)
+    assert max(model.fitting.values()) > 8
+    at_eight = LanguageModel(workdir, batch_size=8).loglikelihood(requests)
+    np.testing.assert_allclose([s for s, _ in scores], [s for s, _ in at_eight], rtol=1e-5)
+    (kind, width, cap), _ = max(model.fitting.items(), key=lambda item: item[0][1])
+    compiled = lambda rows: model._token_logprobs.lower(  # noqa: E731
+        model, model.params, *[model.abstract((rows, width))] * 2).compile()
+    model.memory, model.fitting = serving.memory_of(compiled(16)), {}
+    assert model.loglikelihood(requests) == scores
+    assert model.fitting[kind, width, cap] == 16 and serving.memory_of(compiled(32)) > model.memory
+    model.memory, model.fitting = serving.memory_of(compiled(8)) - 1, {}
+    with pytest.raises(UserError, match="--batch_size: even 8 rows"):
+        model.loglikelihood(requests)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_like_one(workdir, fetched_eval_data, tmp_path):
+    """eval.py --distributed through the stand-in srun: 2 processes x 4 devices write the results
+    file that 1 process x 8 devices writes, byte for byte (rolling windows, scoring, decoding)."""
+    data_dir, _ = fetched_eval_data
+    args = ["--tasks=perplexity,mmlu,gsm8k", "--limit=3", f"--data_dir={data_dir}"]
+    copies = [tmp_path / name for name in ("one", "two")]
+    for copy in copies:
+        shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval"))
+    one = run_eval(f"--workdir={copies[0]}", *args, devices=8)
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "SLURM_JOB_ID": str(1000 + (os.getpid() + 11) % 3000),
+           "SLURM_NTASKS": "2"}
+    two = subprocess.run([str(ROOT / "tests/fake_slurm/srun"), sys.executable, "eval.py", "--distributed",
+                          f"--workdir={copies[1]}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert two.returncode == 0, two.stderr
+    written = [(copy / "eval" / "4" / "results.json").read_bytes() for copy in copies]
+    assert written[0] == written[1] and b'"gsm8k"' in written[0]
+    assert two.stdout.count("wrote ") == 1  # process 0 writes and prints
+    assert_user_error(run_eval(f"--workdir={workdir}", "--distributed", *args), "--distributed", "--num_processes")
 
 
 @pytest.mark.slow
@@ -245,11 +293,40 @@ def test_bad_inputs(workdir, fetched_eval_data, tmp_path):
                       "--tasks", "squad")
     assert_user_error(run_eval(f"--workdir={tmp_path}", f"--data_dir={data_dir}"), "has no checkpoints")
     assert_user_error(run_eval(f"--workdir={workdir}", "--step=99", f"--data_dir={data_dir}"), "--step", "99")
+    assert_user_error(run_eval(f"--workdir={workdir}", "--mesh=data=3", "--tasks=perplexity"), "--mesh", "3")
     tampered = tmp_path / "tampered"
     write_eval_folder(tampered, {"piqa/validation.jsonl": MADE_UP["piqa/validation.jsonl"]})
     (tampered / "piqa" / "validation.jsonl").write_text(json.dumps({"goal": "changed"}) + "\n")
     assert_user_error(run_eval(f"--workdir={workdir}", "--tasks=piqa", f"--data_dir={tampered}"),
                       "piqa/validation.jsonl", "sha256")
+
+
+@pytest.mark.slow
+def test_the_time_estimate_counts_the_benchmarks_as_eval_py_encodes_them(workdir, tmp_path):
+    """scripts/dry_run.py --eval's estimate (here on the 8 CPU devices, given a peak and a bandwidth):
+    rows that fit, the prompts' tokens as eval.py encodes them (MMLU: one pass per context), every
+    batch decoding its whole budget, and the largest term named."""
+    folder = write_eval_folder(tmp_path / "eval", MADE_UP)
+    config = get_config("mhc,debug")
+    config.data.dir = str(workdir.parent / "data")
+    made_up = topology.Topology("made-up", "cpu", 8, 2**30, 1e12, memory_bandwidth=1e11)
+    report = eval_estimate.estimate(config, made_up, jax.devices(), str(folder), 0.5)
+    assert report["mesh"]["data"] == 8 and set(report["tasks"]) == {"mmlu", "gsm8k", "bbh", "drop"}
+    model = LanguageModel(workdir)
+    for name, task in report["tasks"].items():
+        spec = registry.TASKS[name].keywords["task"]
+        example, = spec.examples(folder)
+        assert task["examples"] == 1 and task["rows"] == 8
+        if spec.max_new_tokens:
+            assert task["prompt_tokens"] == len(model.generator.prompt_ids([example.prompt], spec.max_new_tokens)[0])
+            assert task["decoding_steps"] == spec.max_new_tokens and set(task["seconds"]) == {"prefill", "decoding"}
+        else:  # MMLU's letters are several tokens of this 400-token BPE: a sequence per answer
+            pairs = [model.encode_pair(example.prompt, choice) for choice in example.choices]
+            assert all(len(answer) > 1 for _, answer in pairs)
+            assert task["sequences"] == 4 and task["tokens"] == sum(len(c) + len(a) - 1 for c, a in pairs)
+    terms = [s for task in report["tasks"].values() for s in task["seconds"].values()]
+    assert report["largest"]["seconds"] == max(terms) and report["total_seconds"] == pytest.approx(sum(terms))
+    assert report["largest"]["task"] == "bbh" and report["largest"]["part"] == "decoding"  # 1,024 steps
 
 
 @pytest.mark.slow

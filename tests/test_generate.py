@@ -19,9 +19,9 @@ def tokenizer():
     return train_bpe(corpus_documents(), 400)
 
 
-def generator(model, tokenizer, batch_size=4):
+def generator(model, tokenizer):
     graphdef, params = nnx.split(model)
-    return Generator(graphdef, nnx.to_pure_dict(params), tokenizer, batch_size=batch_size, max_length=256)
+    return Generator(graphdef, nnx.to_pure_dict(params), tokenizer, max_length=256)
 
 
 def recompute_greedy(model, tokenizer, prompt, max_new_tokens, width=128):
@@ -41,7 +41,7 @@ def recompute_greedy(model, tokenizer, prompt, max_new_tokens, width=128):
 
 def test_cached_decoding_repeats_full_recomputation(variant, tokenizer):
     model = make_model(variant, {"vocab_size": 400})
-    outputs = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=12)
+    outputs = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=12, rows=4)
     assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
     assert all(outputs)
 
@@ -49,7 +49,7 @@ def test_cached_decoding_repeats_full_recomputation(variant, tokenizer):
 def test_latent_attention_decoding_repeats_full_recomputation(variant, tokenizer):
     model = make_model(variant, {"vocab_size": 400}, scale="moe_debug")
     decode = generator(model, tokenizer)
-    outputs = decode.generate(PROMPTS, until=[], max_new_tokens=12)
+    outputs = decode.generate(PROMPTS, until=[], max_new_tokens=12, rows=4)
     assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
     assert all(outputs)
     cache = model.init_cache(jnp.zeros((2,), jnp.int32), slots=32)
@@ -62,25 +62,25 @@ def test_latent_attention_decoding_repeats_full_recomputation(variant, tokenizer
 def test_decoding_through_the_blockwise_kernel_repeats_full_recomputation(scale, tokenizer):
     model = make_model("mhc", {"vocab_size": 400, "attention_kernel": "blockwise"},
                        scale=scale)
-    outputs = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=12)
+    outputs = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=12, rows=4)
     assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
 
 
 def test_batches_of_any_size_give_the_same_text(tokenizer):
     model = make_model("mhc", {"vocab_size": 400})
-    together = generator(model, tokenizer, batch_size=4).generate(PROMPTS, until=[], max_new_tokens=10)
-    apart = generator(model, tokenizer, batch_size=1).generate(PROMPTS, until=[], max_new_tokens=10)
+    together = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=10, rows=4)
+    apart = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=10, rows=1)
     assert together == apart
 
 
 def test_stop_sequences_and_sampling(tokenizer):
     model = make_model("hc", {"vocab_size": 400})
     decode = generator(model, tokenizer)
-    full = decode.generate(PROMPTS[:2], until=[], max_new_tokens=16)
+    full = decode.generate(PROMPTS[:2], until=[], max_new_tokens=16, rows=4)
     stop = full[0][len(full[0]) // 2:][:2]
-    cut = decode.generate(PROMPTS[:2], until=[stop], max_new_tokens=16)
+    cut = decode.generate(PROMPTS[:2], until=[stop], max_new_tokens=16, rows=4)
     assert cut[0] == full[0][:full[0].index(stop)] and stop not in cut[0]
-    sampled = [decode.generate(PROMPTS, until=[], max_new_tokens=8, temperature=1.0, seed=seed) for seed in (0, 0, 1)]
+    sampled = [decode.generate(PROMPTS, until=[], max_new_tokens=8, rows=4, temperature=1.0, seed=seed) for seed in (0, 0, 1)]
     assert sampled[0] == sampled[1] != sampled[2]
 
 

@@ -148,6 +148,7 @@ def test_dry_run_bad_inputs():
                       "--topology: unknown topology 'v5p-7'", "v5p-8 ... v5p-2048")
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--suggest"), "--suggest")
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--mfu=2"), "--mfu")
+    assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--eval"), "--eval", "TPU")
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:3"),
                       "train.batch_size: 8", "= 3 devices")
 

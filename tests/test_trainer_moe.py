@@ -7,9 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 from helpers import losses, records, run_train, stop_with_sigterm, xla_flags
+
+from mhc_jax import sharding
+from mhc_jax.evals.harness import LanguageModel
+from mhc_jax.training import checkpoint
+from mhc_jax.training.experiment import Experiment
 
 pytestmark = pytest.mark.slow  # every test here trains in a subprocess
 
@@ -50,6 +57,21 @@ def test_a_moe_run_logs_load_balance_and_resumes_after_sigterm_bit_for_bit(moe_r
     resumed = run_train(tmp_path / "run", *MOE_RUN, variant="mhc", scale="moe_debug", data_dir=default_data)
     assert resumed.returncode == 0, resumed.stderr
     assert untimed_records(tmp_path / "run") == untimed_records(moe_run)
+
+
+def test_moe_evaluation_scores_as_the_training_forward_pass(moe_run):
+    """eval.py's serving layout (the whole model on each of 8 devices, dropless experts) gives each
+    sequence the loss of the training step's forward pass on its own mesh (fsdp=2 x expert=4)."""
+    model = LanguageModel(moe_run, batch_size=8)
+    assert dict(model.mesh.shape)["data"] == 8 and model.config.model.moe.dispatch == "dropless"
+    config = ml_collections.ConfigDict(json.loads((moe_run / "config.json").read_text()))
+    experiment = Experiment(config, sharding.make_mesh(config.mesh))
+    checkpoints = checkpoint.Checkpoints(moe_run, create=False)
+    params = checkpoints.restore_params(model.step, experiment.abstract_state["params"])
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (8, 65), 0, config.model.vocab_size))
+    trained = jax.jit(experiment.on_mesh(experiment.loss))(params, tokens)
+    scored = model.score_tokens([(row.tolist(), 64) for row in tokens])
+    np.testing.assert_allclose([-logprob / 64 for logprob, _ in scored], trained, rtol=1e-5)
 
 
 def test_a_moe_run_evaluates(moe_run, fetched_eval_data):

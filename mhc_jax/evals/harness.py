@@ -28,8 +28,9 @@ from tqdm import tqdm
 from mhc_jax import sharding, storage
 from mhc_jax.data.tokenizer import file_sha256, load_tokenizer
 from mhc_jax.errors import UserError
+from mhc_jax.evals import serving
 from mhc_jax.model.generate import Generator, bucket
-from mhc_jax.model.transformer import abstract_model
+from mhc_jax.model.transformer import abstract_variables_of, compute_dtype
 from mhc_jax.training import checkpoint
 
 
@@ -52,18 +53,24 @@ class Task:
     max_new_tokens: int = 0  # > 0 makes it a generation task
 
 
-def read_checkpoint(checkpoints: checkpoint.Checkpoints, pinned: int | None):
-    """(step, meta, params, graphdef) of step `pinned`, or of the newest step that reads, onto the
-    devices present; safe beside the train.py writing the workdir (checkpoint.read_newest), whose
-    unreadable steps it skips but never moves."""
+def read_checkpoint(checkpoints: checkpoint.Checkpoints, pinned: int | None, mesh_sizes: dict | None):
+    """(step, meta, params, graphdef) of step `pinned`, or of the newest step that reads, in the
+    serving layout (serving.py; `mesh_sizes`: --mesh, None for the default); safe beside the train.py
+    writing the workdir (checkpoint.read_newest), whose unreadable steps it skips but never moves."""
     def read(step):
         meta = checkpoints.read_meta(step)
         config = ml_collections.ConfigDict(meta["config"])
         config.model.moe.dispatch = "dropless"  # evaluation never drops a token from its experts
         config.model.site_impl = "fast"  # compile-only (and absent from checkpoints before it existed)
-        mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}))
-        graphdef, _, abstract_params = abstract_model(config.model, mesh)
-        params = checkpoints.restore_params(step, abstract_params)
+        graphdef, variables = abstract_variables_of(config.model)
+        dtype = compute_dtype(config.model.dtype)
+        sizes = serving.choose_mesh(variables, config.model, jax.device_count(), mesh_sizes, serving.device_memory(),
+                                    dtype)
+        try:
+            mesh = sharding.make_mesh(ml_collections.ConfigDict(sizes))
+        except UserError as e:
+            raise UserError(f"--{e}") from None  # make_mesh's 'mesh: ...' is about --mesh here
+        params = checkpoints.restore_params(step, serving.serving_params(variables, mesh, dtype))
         meta["config"] = config.to_dict()
         return meta, params, graphdef
 
@@ -77,50 +84,102 @@ def read_checkpoint(checkpoints: checkpoint.Checkpoints, pinned: int | None):
 
 
 class LanguageModel:
-    """A checkpoint restored onto the devices present, with the tokenizer it was trained with."""
+    """A checkpoint restored in the serving layout (serving.py) over every process's devices, with
+    the tokenizer it was trained with. Every process runs the same calls on the same requests and
+    gets every result; batches are split over the data-parallel devices of all of them.
 
-    def __init__(self, workdir, step: int | None = None, batch_size: int = 8, max_length: int = 2048):
+    `batch_size`: rows per batch, or 'auto': for each width, the most rows (up to the number of
+    requests) whose compiled step fits a device by XLA's memory analysis."""
+
+    def __init__(self, workdir, step: int | None = None, batch_size: int | str = "auto", max_length: int = 2048,
+                 mesh: str = "auto"):
         workdir = storage.path(workdir)
         if not (workdir / "checkpoints").is_dir():
             raise UserError(f"--workdir: {workdir} has no checkpoints; train first with train.py --workdir={workdir}")
         checkpoints = checkpoint.Checkpoints(workdir, create=False)
-        self.step, meta, self.params, self.graphdef = read_checkpoint(checkpoints, step)
+        self.step, meta, params, graphdef = read_checkpoint(checkpoints, step, serving.parse_mesh(mesh))
         checkpoints.close()
-        self.config = ml_collections.ConfigDict(meta["config"])
-        self.tokenizer = load_workdir_tokenizer(workdir, meta)
         self.tokenizer_sha256 = meta["tokenizer_sha256"]
+        self._serve(graphdef, params, ml_collections.ConfigDict(meta["config"]), load_workdir_tokenizer(workdir, meta),
+                    batch_size, max_length, serving.device_memory())
+
+    @classmethod
+    def without_weights(cls, config, mesh, memory: int, max_length: int) -> "LanguageModel":
+        """The model of `config` (its serving dtype decided) with abstract parameters on `mesh`, for
+        a device of `memory` bytes: its steps compile, for dry runs; nothing runs."""
+        model = cls.__new__(cls)
+        graphdef, variables = abstract_variables_of(config.model)
+        params = serving.serving_params(variables, mesh, compute_dtype(config.model.dtype))
+        model._serve(graphdef, params, config, None, "auto", max_length, memory)
+        return model
+
+    def _serve(self, graphdef, params, config, tokenizer, batch_size, max_length: int, memory: int) -> None:
+        self.graphdef, self.params, self.config, self.tokenizer = graphdef, params, config, tokenizer
         self.batch_size, self.max_length = batch_size, max_length
-        self.generator = Generator(self.graphdef, self.params, self.tokenizer, batch_size, max_length)
+        self.generator = Generator(graphdef, params, tokenizer, max_length)
+        self.mesh, self.memory, self.fitting = self.generator.mesh, memory, {}
 
     @functools.partial(jax.jit, static_argnums=0)
     def _token_logprobs(self, params, inputs_BT, targets_BT):
-        with jax.sharding.use_abstract_mesh(self.generator.mesh):
+        with jax.sharding.use_abstract_mesh(self.generator.abstract_mesh):
             logits_BTV = nnx.merge(self.graphdef, params)(inputs_BT)
-        logprobs_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-        return logprobs_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+            logprobs_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+            return sharding.everywhere((logprobs_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT))
 
     @functools.partial(jax.jit, static_argnums=0)
     def _next_token_logprobs(self, params, inputs_BT, last_B, candidates_BK):
-        with jax.sharding.use_abstract_mesh(self.generator.mesh):
+        with jax.sharding.use_abstract_mesh(self.generator.abstract_mesh):
             logits_BTV = nnx.merge(self.graphdef, params)(inputs_BT)
-        logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
-        logprobs_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), candidates_BK, axis=1)
-        return logprobs_BK, jnp.argmax(logits_BV, axis=-1)[:, None] == candidates_BK
+            logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
+            logprobs_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), candidates_BK, axis=1)
+            return sharding.everywhere((logprobs_BK, jnp.argmax(logits_BV, axis=-1)[:, None] == candidates_BK))
+
+    def rows(self, kind: str, count: int, width: int, compile_rows) -> int:
+        """Rows of a batch `width` wide when `count` requests are left: --batch_size, or (auto) the
+        most that fit (`compile_rows`: rows -> the compiled step), in powers of two from the
+        data-parallel device count, or all that are left. A narrower width starts from what fitted
+        a wider one."""
+        if self.batch_size != "auto":
+            return self.batch_size
+        unit = serving.data_parallel(self.mesh)
+        cap = min(serving.MAX_AUTO_ROWS, unit * -(-count // unit))  # no padding rows beyond the requests
+        if (kind, width, cap) not in self.fitting:
+            wider = [rows for (k, w, c), rows in self.fitting.items() if k == kind and w >= width and c >= cap]
+            start = min(max(wider, default=unit), cap)
+            self.fitting[kind, width, cap] = serving.largest_batch(
+                lambda rows: serving.memory_of(compile_rows(rows)), self.memory, start, cap)
+        return self.fitting[kind, width, cap]
+
+    def batches(self, kind: str, lengths: list[int], step, shapes) -> list[tuple[list[int], int, int]]:
+        """Indices of `lengths` longest first in batches, each with its width and rows: `shapes(rows,
+        width)` are the step's abstract arguments, to compile it for --batch_size=auto."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches, first = [], 0
+        while first < len(order):
+            width = bucket(lengths[order[first]])
+            rows = self.rows(kind, len(order) - first, width, lambda r: step.lower(self, self.params, *shapes(r, width))
+                             .compile())
+            batches.append((order[first:first + rows], width, rows))
+            first += rows
+        return batches
+
+    def abstract(self, shape: tuple, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_layout(shape, self.mesh))
 
     def score_tokens(self, sequences: list[tuple[list[int], int]], desc: str = "") -> list[tuple[float, bool]]:
         """For token sequences each with a number of scored tokens at its end: the summed
         log-probability of those tokens and whether each was the greedy choice."""
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
         results: list = [None] * len(sequences)
-        for first in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=not desc, leave=False):
-            rows = order[first:first + self.batch_size]
-            width = bucket(max(len(sequences[i][0]) for i in rows) - 1)
-            inputs, targets = np.zeros((2, self.batch_size, width), np.int32)
-            for r, i in enumerate(rows):
+        shapes = lambda rows, width: [self.abstract((rows, width))] * 2  # noqa: E731
+        batches = self.batches("score", [len(tokens) - 1 for tokens, _ in sequences], self._token_logprobs, shapes)
+        for batch, width, rows in progress(batches, desc):
+            inputs, targets = np.zeros((2, rows, width), np.int32)
+            for r, i in enumerate(batch):
                 tokens = sequences[i][0]
                 inputs[r, :len(tokens) - 1], targets[r, :len(tokens) - 1] = tokens[:-1], tokens[1:]
-            logprobs, greedy = jax.device_get(self._token_logprobs(self.params, inputs, targets))
-            for r, i in enumerate(rows):
+            logprobs, greedy = jax.device_get(self._token_logprobs(
+                self.params, *(sharding.global_batch(a, self.mesh) for a in (inputs, targets))))
+            for r, i in enumerate(batch):
                 tokens, scored = sequences[i]
                 span = slice(len(tokens) - 1 - scored, len(tokens) - 1)
                 results[i] = (float(logprobs[r, span].sum()), bool(greedy[r, span].all()))
@@ -131,18 +190,20 @@ class LanguageModel:
         after the context and whether it is the greedy choice, from one pass over the context."""
         if not contexts:
             return []
-        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i][0]))
         width_k = bucket(max(len(candidates) for _, candidates in contexts), smallest=1)
         results: list = [None] * len(contexts)
-        for first in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=not desc, leave=False):
-            rows = order[first:first + self.batch_size]
-            inputs = np.zeros((self.batch_size, bucket(max(len(contexts[i][0]) for i in rows))), np.int32)
-            last, candidates = np.zeros(self.batch_size, np.int32), np.zeros((self.batch_size, width_k), np.int32)
-            for r, i in enumerate(rows):
+        shapes = lambda rows, width: [self.abstract((rows, width)), self.abstract((rows,)),  # noqa: E731
+                                      self.abstract((rows, width_k))]
+        batches = self.batches("next", [len(tokens) for tokens, _ in contexts], self._next_token_logprobs, shapes)
+        for batch, width, rows in progress(batches, desc):
+            inputs, candidates = np.zeros((rows, width), np.int32), np.zeros((rows, width_k), np.int32)
+            last = np.zeros(rows, np.int32)
+            for r, i in enumerate(batch):
                 tokens, choices = contexts[i]
                 inputs[r, :len(tokens)], last[r], candidates[r, :len(choices)] = tokens, len(tokens) - 1, choices
-            logprobs, greedy = jax.device_get(self._next_token_logprobs(self.params, inputs, last, candidates))
-            for r, i in enumerate(rows):
+            logprobs, greedy = jax.device_get(self._next_token_logprobs(
+                self.params, *(sharding.global_batch(a, self.mesh) for a in (inputs, last, candidates))))
+            for r, i in enumerate(batch):
                 results[i] = [(float(logprobs[r, k]), bool(greedy[r, k])) for k in range(len(contexts[i][1]))]
         return results
 
@@ -195,12 +256,30 @@ class LanguageModel:
 
     def generate(self, prompts: list[str], until: tuple[str, ...], max_new_tokens: int, desc: str = "",
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
-        """Greedy continuations (or sampled at `temperature` > 0, reproducibly from `seed`)."""
-        outputs = []
-        for first in tqdm(range(0, len(prompts), self.batch_size), desc=desc, disable=not desc, leave=False):
-            outputs += self.generator.generate(prompts[first:first + self.batch_size], list(until), max_new_tokens,
-                                               temperature, seed + first)
+        """Greedy continuations (or sampled at `temperature` > 0, reproducibly from `seed`), longest
+        prompts first."""
+        lengths = [len(ids) for ids in self.generator.prompt_ids(prompts, max_new_tokens)]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        outputs: list = [None] * len(prompts)
+        first = 0
+        with progress(None, desc, total=len(prompts)) as bar:
+            while first < len(order):
+                width = bucket(lengths[order[first]])
+                rows = self.rows(f"decode {max_new_tokens}", len(order) - first, width,
+                                 lambda r: self.generator.compiled_prefill(r, width, max_new_tokens))
+                batch = order[first:first + rows]
+                texts = self.generator.generate([prompts[i] for i in batch], list(until), max_new_tokens, rows,
+                                                temperature, seed + first)
+                for i, text in zip(batch, texts):
+                    outputs[i] = text
+                first += rows
+                bar.update(len(batch))
         return outputs
+
+
+def progress(iterable, desc: str, total: int | None = None):
+    """A progress bar named `desc` on process 0 (none without a name)."""
+    return tqdm(iterable, desc=desc, total=total, disable=not desc or jax.process_index() > 0, leave=False)
 
 
 def load_workdir_tokenizer(workdir, meta: dict):

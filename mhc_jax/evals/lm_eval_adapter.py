@@ -23,10 +23,11 @@ class HarnessModel(LM):
     sampling at `temperature` with `seed` (the request's, else this model's); kwargs our decoder cannot
     honour (top-p, top-k, beams) are refused with a ValueError rather than ignored."""
 
-    def __init__(self, workdir: str, step: int | None = None, batch_size: int = 8, max_length: int = 2048,
-                 seed: int = 0):
+    def __init__(self, workdir: str, step: int | None = None, batch_size: int | str = "auto", max_length: int = 2048,
+                 seed: int = 0, mesh: str = "auto"):
         super().__init__()
-        self.model = LanguageModel(workdir, None if step is None else int(step), int(batch_size), int(max_length))
+        batch_size = batch_size if batch_size == "auto" else int(batch_size)
+        self.model = LanguageModel(workdir, None if step is None else int(step), batch_size, int(max_length), mesh)
         self.seed = int(seed)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:

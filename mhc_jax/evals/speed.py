@@ -13,9 +13,10 @@ from mhc_jax.evals.harness import LanguageModel
 from mhc_jax.evals.registry import TASKS
 
 
-def benchmark(workdir, data_dir, names: list[str], limit: int | None, batch_size: int, max_length: int) -> dict:
+def benchmark(workdir, data_dir, names: list[str], limit: int | None, batch_size: int | str, max_length: int,
+              mesh: str = "auto") -> dict:
     start = time.perf_counter()
-    model = LanguageModel(workdir, None, batch_size, max_length)
+    model = LanguageModel(workdir, None, batch_size, max_length, mesh)
     load_seconds = time.perf_counter() - start
     tasks = {}
     for name in names:
@@ -26,6 +27,7 @@ def benchmark(workdir, data_dir, names: list[str], limit: int | None, batch_size
                        result["primary"]: result["metrics"][result["primary"]]}
     return {"workdir": str(workdir), "step": model.step, "residual": model.config.model.residual,
             "d_model": model.config.model.d_model, "n_layers": model.config.model.n_layers,
-            "batch_size": batch_size, "max_length": max_length, "limit": limit, "load_seconds": load_seconds,
+            "batch_size": batch_size, "max_length": max_length, "limit": limit,
+            "mesh": dict(model.mesh.shape), "load_seconds": load_seconds,
             "tasks": tasks, "backend": jax.default_backend(), "devices": jax.device_count(),
             "cpu_cores": os.cpu_count(), "machine": platform.machine()}

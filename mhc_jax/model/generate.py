@@ -41,56 +41,72 @@ def first_stop(text: str, until: list[str]) -> int | None:
 
 
 class Generator:
-    """Decodes with a model given as (graphdef, params); `batch_size` rows at a time."""
+    """Decodes with a model given as (graphdef, params), `rows` prompts at a time. Batches are global
+    arrays over the parameters' mesh, split over its data-parallel axes; the new tokens come back
+    whole to every process, which all take the same stop decisions (multi-process evaluation)."""
 
-    def __init__(self, graphdef, params, tokenizer: Tokenizer, batch_size: int, max_length: int):
-        self.graphdef, self.params, self.tokenizer = graphdef, params, tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
-        self.mesh = sharding.abstract_mesh_of(params)  # the steps trace under it
+    def __init__(self, graphdef, params, tokenizer: Tokenizer, max_length: int):
+        self.graphdef, self.params, self.tokenizer, self.max_length = graphdef, params, tokenizer, max_length
+        self.mesh = sharding.mesh_of(params)
+        self.abstract_mesh = sharding.abstract_mesh_of(params)  # the steps trace under it
 
     @functools.partial(jax.jit, static_argnums=(0, 4))
     def _prefill(self, params, tokens_BT, start_B, slots):
-        with jax.sharding.use_abstract_mesh(self.mesh):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
             model = nnx.merge(self.graphdef, params)
             logits_BTV, cache = model.decode(tokens_BT, model.init_cache(start_B, slots))
         return logits_BTV[:, -1], cache
 
-    @functools.partial(jax.jit, static_argnums=(0,))
-    def _step(self, params, logits_BV, cache, key, temperature):
+    @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))  # the cache is updated in place
+    def _step(self, params, logits_BV, cache, seed, step, temperature):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
         greedy = jnp.argmax(logits_BV, axis=-1)
         sampled = jax.random.categorical(key, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1)
         token_B = jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
-        with jax.sharding.use_abstract_mesh(self.mesh):
+        with jax.sharding.use_abstract_mesh(self.abstract_mesh):
             logits_B1V, cache = nnx.merge(self.graphdef, params).decode(token_B[:, None], cache)
-        return token_B, logits_B1V[:, 0], cache
+            return sharding.everywhere(token_B), logits_B1V[:, 0], cache
 
-    def generate(self, prompts: list[str], until: list[str], max_new_tokens: int,
+    def prompt_ids(self, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+        return [prompt_tail(ids, self.max_length, max_new_tokens) for ids in self.tokenizer.encode_batch(prompts)]
+
+    def compiled_prefill(self, rows: int, width: int, max_new_tokens: int):
+        """The prefill of `rows` prompts `width` tokens wide, compiled (its memory analysis includes
+        the cache it makes, which the steps then carry)."""
+        shapes = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_layout(shape, self.mesh))
+                  for shape in ((rows, width), (rows,))]
+        return self._prefill.lower(self, self.params, *shapes, width + bucket(max_new_tokens)).compile()
+
+    def generate(self, prompts: list[str], until: list[str], max_new_tokens: int, rows: int,
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
-        """The continuation of each prompt, cut before its first stop sequence."""
+        """The continuation of each prompt, cut before its first stop sequence; `rows` per batch."""
         outputs = []
-        for first in range(0, len(prompts), self.batch_size):
-            outputs += self._generate_batch(prompts[first:first + self.batch_size], until, max_new_tokens,
+        for first in range(0, len(prompts), rows):
+            outputs += self._generate_batch(prompts[first:first + rows], rows, until, max_new_tokens,
                                             temperature, seed + first)
         return outputs
 
-    def _generate_batch(self, prompts, until, max_new_tokens, temperature, seed):
+    def _generate_batch(self, prompts, rows, until, max_new_tokens, temperature, seed):
         budget = bucket(max_new_tokens)  # compiled sizes are powers of two; the prompt's cut is exact
-        encoded = [prompt_tail(ids, self.max_length, max_new_tokens) for ids in self.tokenizer.encode_batch(prompts)]
+        encoded = self.prompt_ids(prompts, max_new_tokens)
         width = bucket(max(len(ids) for ids in encoded))
-        tokens_BT = np.zeros((self.batch_size, width), np.int32)
-        start_B = np.full((self.batch_size,), width - 1, np.int32)  # padding rows hold one token
+        tokens_BT = np.zeros((rows, width), np.int32)
+        start_B = np.full((rows,), width - 1, np.int32)  # padding rows hold one token
         for row, ids in enumerate(encoded):
             tokens_BT[row, width - len(ids):] = ids
             start_B[row] = width - len(ids)
-        logits_BV, cache = self._prefill(self.params, tokens_BT, start_B, width + budget)
-        key = jax.random.PRNGKey(seed)
+        batch = [sharding.global_batch(a, self.mesh) for a in (tokens_BT, start_B)]
+        logits_BV, cache = self._prefill(self.params, *batch, width + budget)
+        scalars = [sharding.global_batch(np.asarray(v, dtype), self.mesh)
+                   for v, dtype in ((seed, np.uint32), (temperature, np.float32))]
         tokens_BT, recent, done = np.zeros((len(prompts), 0), np.int32), [], set()
         for step in range(max_new_tokens):
-            key, subkey = jax.random.split(key)
-            token_B, logits_BV, cache = self._step(self.params, logits_BV, cache, subkey, temperature)
+            step_index = sharding.global_batch(np.asarray(step, np.int32), self.mesh)
+            token_B, logits_BV, cache = self._step(self.params, logits_BV, cache, scalars[0], step_index, scalars[1])
             recent.append(token_B)
             if (step + 1) % STOP_CHECK_EVERY == 0 or step + 1 == max_new_tokens:
-                tokens_BT = np.concatenate([tokens_BT, np.asarray(jnp.stack(recent, 1))[:len(prompts)]], axis=1)
+                tokens_BT = np.concatenate([tokens_BT, np.stack([np.asarray(t) for t in recent], 1)[:len(prompts)]],
+                                           axis=1)
                 recent = []
                 done |= {row for row in range(len(prompts)) if row not in done and self._row_done(tokens_BT[row], until)}
                 if len(done) == len(prompts):

@@ -237,11 +237,16 @@ class Transformer(nnx.Module):
         return x_BTNC, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
 
+def abstract_variables_of(cfg):
+    """The model's graphdef and abstract variables (nnx.State with the Variables' metadata)."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+
+
 def abstract_model(cfg, mesh):
     """The model's graphdef, its abstract variables (nnx.State with the Variables' metadata:
     parameters, and the MoE router bias) and the same as a pure dict of ShapeDtypeStructs that
     carry the mesh's shardings."""
-    graphdef, abstract_variables = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    graphdef, abstract_variables = abstract_variables_of(cfg)
     shardings = sharding.param_shardings(abstract_variables, mesh)
     sharded = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
                            nnx.to_pure_dict(abstract_variables), shardings)

@@ -4,7 +4,7 @@ environment), and `cpu:N`, N simulated CPU devices.
 
 A TPU slice's name counts TensorCores: a v5p chip has two that act as one device (megacore), so
 `v5p-256` is 128 devices in a 4x4x8 torus; v5e and v6e chips have one, so `v6e-64` is 64 devices
-in an 8x8 grid. Per-chip HBM and bf16 peak are Google Cloud's published figures.
+in an 8x8 grid. Per-chip HBM, its bandwidth and bf16 peak are Google Cloud's published figures.
 """
 
 import dataclasses
@@ -16,14 +16,15 @@ from mhc_jax.errors import UserError
 
 GiB = 2**30
 
-# family -> (TensorCores per device, HBM per device, bf16 peak FLOP/s per device, device shapes by device count)
+# family -> (TensorCores per device, HBM per device, bf16 peak FLOP/s per device, HBM bytes/s per device,
+#            device shapes by device count)
 GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 TORUS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
             512: "8x8x8", 1024: "8x8x16"}
 TPU_FAMILIES = {
-    "v5p": (2, 95 * GiB, 459e12, TORUS_3D),
-    "v6e": (1, 32 * GiB, 918e12, GRID_2D),
-    "v5e": (1, 16 * GiB, 197e12, GRID_2D),
+    "v5p": (2, 95 * GiB, 459e12, 2765e9, TORUS_3D),
+    "v6e": (1, 32 * GiB, 918e12, 1640e9, GRID_2D),
+    "v5e": (1, 16 * GiB, 197e12, 819e9, GRID_2D),
 }
 
 
@@ -35,6 +36,7 @@ class Topology:
     memory_per_device: int  # bytes a device's program may use
     peak_flops: float | None  # bf16 FLOP/s per device (None: unknown, for CPU)
     libtpu_name: str = ""  # e.g. 'v5p:4x4x8'
+    memory_bandwidth: float | None = None  # HBM bytes/s per device (None: unknown, for CPU)
 
     @property
     def family(self) -> str:
@@ -43,7 +45,7 @@ class Topology:
 
 def tpu_names(family: str) -> list[str]:
     """Every slice name of a TPU family, smallest first."""
-    cores, _, _, shapes = TPU_FAMILIES[family]
+    cores, _, _, _, shapes = TPU_FAMILIES[family]
     return [f"{family}-{devices * cores}" for devices in sorted(shapes)]
 
 
@@ -57,10 +59,10 @@ def parse(name: str) -> Topology:
     tpu = re.fullmatch(r"(v5p|v6e|v5e)-(\d+)", name or "")
     if tpu and tpu.group(1) in TPU_FAMILIES:
         family = tpu.group(1)
-        cores, memory, peak, shapes = TPU_FAMILIES[family]
+        cores, memory, peak, bandwidth, shapes = TPU_FAMILIES[family]
         devices = int(tpu.group(2)) // cores
         if int(tpu.group(2)) % cores == 0 and devices in shapes:
-            return Topology(name, "tpu", devices, memory, peak, f"{family}:{shapes[devices]}")
+            return Topology(name, "tpu", devices, memory, peak, f"{family}:{shapes[devices]}", bandwidth)
     known = ", ".join(f"{tpu_names(f)[0]} ... {tpu_names(f)[-1]}" for f in TPU_FAMILIES)
     raise UserError(f"--topology: unknown topology {name!r}; use a TPU slice ({known}, powers of two) or cpu:N")
 

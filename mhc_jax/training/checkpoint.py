@@ -133,9 +133,9 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore_params(self, step: int, abstract_params):
-        """Only the model parameters of `step` (not the optimizer state), laid out as given."""
+        """Only the model parameters of `step` (not the optimizer state), laid out and typed as given."""
         item = {"params": abstract_params}
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), item)
         with ocp.PyTreeCheckpointer() as reader:
             restored = reader.restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
                 item=item, restore_args=restore_args, partial_restore=True))

@@ -1,0 +1,135 @@
+"""How long evaluating a config takes on a slice, before any checkpoint exists (scripts/dry_run.py
+--eval): BBH, DROP, GSM8K and MMLU, whole.
+
+The model is laid out as eval.py lays it (evals/serving.py: the default mesh for the slice, weights
+in the compute dtype) and its scoring step and decoding prefill are compiled for the slice; XLA's
+memory analysis of them gives the rows per batch that fit a device (--batch_size=auto's rule) and
+the KV cache that each decoding step reads. Token counts come from an evenly spaced sample of each
+benchmark's prompts, tokenized with the config's data tokenizer (config.data.dir), as eval.py
+encodes them (MMLU's one-token answers share their context's pass). Then, at a stated utilisation u
+of the slice:
+
+- scoring and prefill: forward FLOPs (training/flops.py's forward pass at each sequence's padded
+  width) / (devices x peak x u);
+- each decoding step: the larger of its FLOPs / (devices x peak x u) and the bytes it reads per
+  device (parameters and the KV cache) / (HBM bandwidth x u). Every batch decodes the task's whole
+  token budget: no early stop, the time of a model that never meets a stop sequence.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import ml_collections
+
+from mhc_jax import sharding
+from mhc_jax.data.tokenizer import load_tokenizer
+from mhc_jax.errors import UserError
+from mhc_jax.evals import eval_data, serving
+from mhc_jax.evals.harness import LanguageModel
+from mhc_jax.evals.registry import TASKS
+from mhc_jax.model.generate import bucket
+from mhc_jax.model.transformer import abstract_variables_of, compute_dtype
+from mhc_jax.pods import aot
+from mhc_jax.training import flops
+
+BENCHMARKS = ("mmlu", "gsm8k", "bbh", "drop")
+SAMPLE = 64  # prompts per benchmark tokenized for its token counts
+
+
+def data_tokenizer(config):
+    folder = Path(config.data.dir)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise UserError(f"config.data.dir: {folder} holds no prepared data, whose tokenizer counts the benchmarks' "
+                        "tokens; prepare it (scripts/prepare_data.py, or a first train.py run) or set --config.data.dir")
+    tokenizer = json.loads(manifest.read_text())["tokenizer"]
+    return load_tokenizer(folder / tokenizer["file"], tokenizer.get("eos_token", ""))
+
+
+def sample(examples: list, size: int = SAMPLE) -> list:
+    step = max(1, len(examples) // size)
+    return examples[::step][:size]
+
+
+def estimate(config, target, devices: list, data_dir: str, utilisation: float, max_length: int = 2048) -> dict:
+    aot.resolve_auto(config, target)
+    config.model.moe.dispatch = "dropless"  # as eval.py runs it
+    eval_data.check(data_dir)
+    tokenizer = data_tokenizer(config)
+    _, variables = abstract_variables_of(config.model)
+    dtype = compute_dtype(config.model.dtype)
+    sizes = serving.choose_mesh(variables, config.model, len(devices), None, target.memory_per_device, dtype)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict(sizes), devices)
+    model = LanguageModel.without_weights(config, mesh, target.memory_per_device, max_length)
+    model.tokenizer = model.generator.tokenizer = tokenizer
+    rate = len(devices) * (target.peak_flops or math.nan) * utilisation  # FLOP/s of the slice
+    bandwidth = (target.memory_bandwidth or math.nan) * utilisation
+    forward = lambda width: flops.train_flops_per_token(config.model, width) / 3  # noqa: E731
+    parameters = serving.parameter_bytes(variables, sizes, dtype)
+    tasks = {}
+    for name in BENCHMARKS:
+        task = TASKS[name].keywords["task"]
+        examples = task.examples(Path(data_dir))
+        chosen = sample(examples)
+        scale = len(examples) / len(chosen)
+        if task.max_new_tokens:
+            lengths = [len(ids) for ids in model.generator.prompt_ids([e.prompt for e in chosen], task.max_new_tokens)]
+            width = bucket(max(lengths))
+            rows = model.rows(f"decode {task.max_new_tokens}", len(examples), width,
+                              lambda r: model.generator.compiled_prefill(r, width, task.max_new_tokens))
+            cache = model.generator.compiled_prefill(rows, width, task.max_new_tokens).memory_analysis().output_size_in_bytes
+            slots = width + bucket(task.max_new_tokens)
+            steps = math.ceil(len(examples) / rows) * task.max_new_tokens
+            step_seconds = max(rows * forward(slots) / rate, (parameters + cache) / bandwidth)
+            seconds = {"prefill": scale * sum(bucket(n) * forward(bucket(n)) for n in lengths) / rate,
+                       "decoding": steps * step_seconds}
+            tasks[name] = {"examples": len(examples), "rows": rows, "prompt_tokens": round(scale * sum(lengths)),
+                           "decoding_steps": steps, "step_seconds": step_seconds, "seconds": seconds}
+        else:
+            lengths = sequence_lengths(model, chosen, max_length)
+            width = bucket(max(lengths))
+            rows = model.rows("score", len(examples), width, lambda r: model._token_logprobs.lower(
+                model, model.params, *[model.abstract((r, width))] * 2).compile())
+            seconds = {"scoring": scale * sum(bucket(n) * forward(bucket(n)) for n in lengths) / rate}
+            tasks[name] = {"examples": len(examples), "rows": rows, "sequences": round(scale * len(lengths)),
+                           "tokens": round(scale * sum(lengths)), "seconds": seconds}
+    terms = {(name, part): s for name, task in tasks.items() for part, s in task["seconds"].items()}
+    largest = max(terms, key=terms.get)
+    return {"topology": target.name, "devices": len(devices), "mesh": sizes, "dtype": config.model.dtype,
+            "parameters_per_device": parameters, "utilisation": utilisation, "max_length": max_length,
+            "tokenizer": str(Path(config.data.dir)), "tasks": tasks, "total_seconds": sum(terms.values()),
+            "largest": {"task": largest[0], "part": largest[1], "seconds": terms[largest]}}
+
+
+def sequence_lengths(model: LanguageModel, examples: list, max_length: int) -> list[int]:
+    """The widths eval.py scores for these examples: one sequence per context whose answers are one
+    token each (shared context), else one per answer."""
+    lengths = []
+    for example in examples:
+        pairs = [model.encode_pair(example.prompt, choice) for choice in example.choices]
+        if all(len(answer) == 1 for _, answer in pairs):
+            lengths.append(min(len(pairs[0][0]), max_length))
+        else:
+            lengths += [min(len(context) + len(answer) - 1, max_length) for context, answer in pairs]
+    return lengths
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def report_text(spec: str, r: dict) -> str:
+    mesh = ",".join(f"{a}={s}" for a, s in r["mesh"].items() if s > 1) or "data=1"
+    lines = [f"{spec} evaluated on {r['topology']} ({r['devices']} devices, mesh {mesh}, {r['dtype']}, "
+             f"{r['parameters_per_device'] / 2**30:.1f} GiB of parameters per device) at utilisation "
+             f"{r['utilisation']:.0%}; prompts cut to {r['max_length']} tokens, counted by {r['tokenizer']}'s tokenizer:",
+             "", "| task | examples | rows per batch | tokens | part | time |", "|---|---|---|---|---|---|"]
+    for name, task in r["tasks"].items():
+        tokens = task.get("tokens", task.get("prompt_tokens"))
+        for part, seconds in task["seconds"].items():
+            lines.append(f"| {name} | {task['examples']} | {task['rows']} | {tokens:,} | {part} | {duration(seconds)} |")
+    largest = r["largest"]
+    lines += ["", f"total {duration(r['total_seconds'])}; the largest term: {largest['task']} {largest['part']} "
+              f"({duration(largest['seconds'])})"]
+    return "\n".join(lines)
