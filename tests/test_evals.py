@@ -293,6 +293,7 @@ def test_bad_inputs(workdir, fetched_eval_data, tmp_path):
                       "--tasks", "squad")
     assert_user_error(run_eval(f"--workdir={tmp_path}", f"--data_dir={data_dir}"), "has no checkpoints")
     assert_user_error(run_eval(f"--workdir={workdir}", "--step=99", f"--data_dir={data_dir}"), "--step", "99")
+    assert_user_error(run_eval(f"--workdir={workdir}", "--batch_size=0"), "--batch_size", "'0'")
     assert_user_error(run_eval(f"--workdir={workdir}", "--mesh=data=3", "--tasks=perplexity"), "--mesh", "3")
     tampered = tmp_path / "tampered"
     write_eval_folder(tampered, {"piqa/validation.jsonl": MADE_UP["piqa/validation.jsonl"]})
