@@ -81,6 +81,21 @@ def test_the_largest_batch_that_fits_by_the_compiled_memory():
         serving.largest_batch(step_memory, 50 * MiB, 8, 64)
 
 
+def test_a_step_the_compiler_refuses_for_memory_does_not_fit():
+    """The TPU compiler raises RESOURCE_EXHAUSTED instead of compiling a step that cannot fit: that
+    size does not fit (and smaller ones are tried); any other compiler error is raised."""
+    def compile_refusing(rows):
+        if rows > 16:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
+                                             "required for HLO temporaries (397.28G) exceeds available HBM")
+        return jax.jit(lambda x: x * 2).lower(jax.ShapeDtypeStruct((rows, 1024), jnp.float32)).compile()
+    step_memory = lambda rows: serving.compiled_memory(lambda: compile_refusing(rows))  # noqa: E731
+    assert step_memory(64) == float("inf") and step_memory(8) > 0
+    assert serving.largest_batch(step_memory, 2**30, 8, 64) == 16
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        serving.compiled_memory(lambda: (_ for _ in ()).throw(jax.errors.JaxRuntimeError("INTERNAL: broken")))
+
+
 def test_flag_values():
     assert serving.parse_mesh("auto") is None
     assert serving.parse_mesh("data=2,tensor=-1") == sizes(data=2, tensor=-1)

@@ -147,7 +147,7 @@ class LanguageModel:
             wider = [rows for (k, w, c), rows in self.fitting.items() if k == kind and w >= width and c >= cap]
             start = min(max(wider, default=unit), cap)
             self.fitting[kind, width, cap] = serving.largest_batch(
-                lambda rows: serving.memory_of(compile_rows(rows)), self.memory, start, cap)
+                lambda rows: serving.compiled_memory(lambda: compile_rows(rows)), self.memory, start, cap)
         return self.fitting[kind, width, cap]
 
     def batches(self, kind: str, lengths: list[int], step, shapes) -> list[tuple[list[int], int, int]]:

@@ -152,6 +152,20 @@ def data_parallel(mesh) -> int:
     return math.prod(mesh.shape[a] for a in sharding.RULES["batch"])
 
 
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory")  # how a TPU compiler refuses a program
+
+
+def compiled_memory(compile_step: Callable[[], object]) -> float:
+    """`memory_of` the step `compile_step()` compiles; infinite where the compiler refuses it for
+    memory (the TPU compiler raises rather than compiling a program that cannot fit)."""
+    try:
+        return memory_of(compile_step())
+    except jax.errors.JaxRuntimeError as e:
+        if any(marker in str(e) for marker in OUT_OF_MEMORY):
+            return math.inf
+        raise
+
+
 def memory_of(compiled) -> int:
     """Bytes a compiled step needs on a device: arguments, outputs not aliased, temporaries, code."""
     m = compiled.memory_analysis()

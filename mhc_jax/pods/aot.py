@@ -21,13 +21,13 @@ import jax.numpy as jnp
 
 from mhc_jax import sharding
 from mhc_jax.errors import UserError
+from mhc_jax.evals import serving
 from mhc_jax.model import attention_kernels, moe
 from mhc_jax.pods import memory_sources, topology
 from mhc_jax.training import flops, trainer
 from mhc_jax.training.experiment import Experiment
 
 REMAT_BY_MEMORY = ("full", "dots", "none")  # least memory (most recomputation) first
-OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory")  # how the TPU compiler refuses a program
 STEPS = ("train", "eval", "diagnostics")  # every compiled step a run executes (trainer.loop, read_step)
 COMPILED: dict = {}  # (target, step, memory, lowered program's hash) -> compile_step's report
 
@@ -126,7 +126,7 @@ def compile_step(step: str, function, args: tuple, resident: dict, memory_per_de
     try:
         compiled, sources = memory_sources.compile_with_sources(lowered)
     except jax.errors.JaxRuntimeError as e:
-        if not any(marker in str(e) for marker in OUT_OF_MEMORY):
+        if not any(marker in str(e) for marker in serving.OUT_OF_MEMORY):
             raise
         message = next((line for line in str(e).splitlines() if "memory" in line.lower()), str(e).splitlines()[0])
         return {"per_device": dict(resident), "fits": False, "compile_seconds": round(time.perf_counter() - start, 1),
