@@ -16,15 +16,13 @@ of the slice:
   token budget: no early stop, the time of a model that never meets a stop sequence.
 """
 
-import json
 import math
 from pathlib import Path
 
 import ml_collections
 
 from mhc_jax import sharding
-from mhc_jax.data.tokenizer import load_tokenizer
-from mhc_jax.errors import UserError
+from mhc_jax.data import pipeline
 from mhc_jax.evals import eval_data, serving
 from mhc_jax.evals.harness import LanguageModel
 from mhc_jax.evals.registry import TASKS
@@ -37,16 +35,6 @@ BENCHMARKS = ("mmlu", "gsm8k", "bbh", "drop")
 SAMPLE = 64  # prompts per benchmark tokenized for its token counts
 
 
-def data_tokenizer(config):
-    folder = Path(config.data.dir)
-    manifest = folder / "manifest.json"
-    if not manifest.is_file():
-        raise UserError(f"config.data.dir: {folder} holds no prepared data, whose tokenizer counts the benchmarks' "
-                        "tokens; prepare it (scripts/prepare_data.py, or a first train.py run) or set --config.data.dir")
-    tokenizer = json.loads(manifest.read_text())["tokenizer"]
-    return load_tokenizer(folder / tokenizer["file"], tokenizer.get("eos_token", ""))
-
-
 def sample(examples: list, size: int = SAMPLE) -> list:
     step = max(1, len(examples) // size)
     return examples[::step][:size]
@@ -56,7 +44,7 @@ def estimate(config, target, devices: list, data_dir: str, utilisation: float, m
     aot.resolve_auto(config, target)
     config.model.moe.dispatch = "dropless"  # as eval.py runs it
     eval_data.check(data_dir)
-    tokenizer = data_tokenizer(config)
+    tokenizer = pipeline.load_data_tokenizer(config.data.dir, pipeline.load_manifest(config.data.dir))
     _, variables = abstract_variables_of(config.model)
     dtype = compute_dtype(config.model.dtype)
     sizes = serving.choose_mesh(variables, config.model, len(devices), None, target.memory_per_device, dtype)
