@@ -19,7 +19,7 @@ from lm_eval.api.metrics import aggregate_subtask_metrics
 from configs.pretrain import get_config
 from mhc_jax.errors import UserError
 from mhc_jax.evals import eval_data, hellaswag, registry, serving, speed, triviaqa
-from mhc_jax.evals.harness import LanguageModel, aggregate
+from mhc_jax.evals.harness import LanguageModel, aggregate, sharing_pays
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
 from mhc_jax.pods import eval_estimate, topology
 
@@ -62,39 +62,58 @@ def test_batching_changes_no_loglikelihood(workdir):
 
 
 @pytest.mark.slow
-def test_one_token_answers_share_their_contexts_pass_and_score_as_alone(workdir):
-    """MMLU-style requests (four one-token answers per context, as ' A' .. ' D' are in a real
-    vocabulary) scored from one pass per context
-    equal each request scored as a whole sequence of its own."""
-    model = LanguageModel(workdir, batch_size=4)
+def test_requests_with_one_context_share_its_pass_and_score_as_alone(workdir):
+    """Requests scored from one pass per context (MMLU-style one-token answers from its last
+    logits, HellaSwag-style endings of several tokens each extending its KV cache; a context cut
+    to max_length too) equal each request scored as a whole sequence of its own; a short context
+    with longer continuations (PIQA-style) is scored whole."""
+    model = LanguageModel(workdir, batch_size=4, max_length=128)
     contexts = [f"{text}\nAnswer:" for text in corpus_documents(6)[:3]] + ["x" * 300]
     answers = [f" {word}" for word in WORDS if len(model.tokenizer.encode_batch([f" {word}"])[0]) == 1][:4]
-    assert len(answers) == 4
-    requests = [(context, answer) for context in contexts for answer in answers]
-    passes = []
-    original = model.score_next_tokens
-    model.score_next_tokens = lambda groups, desc="": passes.append(len(groups)) or original(groups, desc)
+    endings = [" the gain stays near one.", " and", " Sinkhorn projects the mixing matrix again and again."]
+    assert len(answers) == 4 and all(len(model.tokenizer.encode_batch([e])[0]) > 1 for e in endings[::2])
+    requests = [(context, continuation) for context in contexts for continuation in answers + endings]
+    requests += [("Goal:", ending) for ending in endings]
+    passes, sequences = [], []
+    original, whole = model.score_continuations, model.score_tokens
+    model.score_continuations = lambda groups, desc="": passes.append(len(groups)) or original(groups, desc)
+    model.score_tokens = lambda items, desc="": sequences.append(len(items)) or whole(items, desc)
     shared = model.loglikelihood(requests)
-    assert passes == [len(contexts)]
-    alone = model.score_tokens([(lambda c, a: (c + a, len(a)))(*model.encode_pair(*r)) for r in requests])
-    np.testing.assert_allclose([s for s, _ in shared], [s for s, _ in alone], rtol=0, atol=1e-5)
+    model.score_tokens = whole
+    groups = model.shared_contexts(requests)
+    pays = {context: sharing_pays(len(context), [len(tokens) for _, tokens in group]) for context, group in groups.items()}
+    assert not pays[tuple(model.encode_pair("Goal:", endings[0])[0])]  # short context, longer continuations
+    assert passes == [sum(pays.values())] and sequences == [sum(len(groups[c]) for c in pays if not pays[c])]
+    assert 3 <= sum(pays.values()) < len(pays)  # both ways taken
+    alone, cut_contexts = [], set()
+    for request in requests[:-len(endings)]:
+        context, continuation = model.encode_pair(*request)
+        tokens = (context + continuation)[-129:]
+        scored = min(len(continuation), len(tokens) - 1)
+        alone += model.score_tokens([(tokens, scored)])
+        cut_contexts.add(tuple(tokens[:-scored]))
+    assert len(cut_contexts) < len(requests) / 3  # a context cut to max_length: the same for continuations as long
+    alone += [model.score_tokens([(lambda c, e: (c + e, len(e)))(*model.encode_pair(*r))])[0] for r in requests[-3:]]
+    np.testing.assert_allclose([s for s, _ in shared], [s for s, _ in alone], rtol=1e-5)
     assert [g for _, g in shared] == [g for _, g in alone] and all(s < 0 for s, _ in shared)
-    assert len({s for s, _ in shared[:4]}) == 4  # four answers, four scores
+    assert len({s for s, _ in shared[:7]}) == 7  # seven continuations, seven scores
 
 
 @pytest.mark.slow
 def test_scoring_and_decoding_split_the_batch_over_the_devices(workdir):
     """Traced under the parameters' mesh, the model's sharding constraints apply: each of the 8
     devices makes the logits of its share of the batch (computed whole on every device, an 8-device
-    forward pass ran 8x slower than one device's); only the scores come back whole."""
+    forward pass ran 8x slower than one device's), a prefill those of the last position only; only
+    the scores come back whole."""
     assert jax.device_count() == 8
     model = LanguageModel(workdir, batch_size=8)
     vocab = model.config.model.vocab_size
     scoring = model._token_logprobs.lower(model, model.params, *[model.abstract((8, 64))] * 2).compile()
     prefill = model.generator.compiled_prefill(8, 64, 16)
-    for compiled in (scoring, prefill):
+    for compiled, per_device in ((scoring, "1,64"), (prefill, "1")):  # a prefill: only the last logits
         hlo = compiled.as_text()
-        assert f"f32[1,64,{vocab}]" in hlo and f"f32[8,64,{vocab}]" not in hlo
+        assert f"f32[{per_device},{vocab}]" in hlo and f"f32[8,{vocab}]" not in hlo and f"f32[8,64,{vocab}]" not in hlo
+    assert f"f32[1,64,{vocab}]" not in prefill.as_text()
     assert scoring.output_shardings[0].is_fully_replicated
 
 
@@ -102,18 +121,18 @@ def test_scoring_and_decoding_split_the_batch_over_the_devices(workdir):
 def test_auto_batches_fill_the_device_and_never_exceed_it(workdir):
     """--batch_size=auto on 8 devices: more than 8 rows where they fit (scores as at 8 rows); on a
     device with less memory, the most rows whose compiled step fits it; none fitting: one line."""
-    requests = REQUESTS * 8
+    requests = [(" ".join(WORDS[i:i + 3 + i % 9]), " the gain") for i in range(40)]
     model = LanguageModel(workdir)
     assert model.batch_size == "auto" and dict(model.mesh.shape)["data"] == 8
     scores = model.loglikelihood(requests)
-    assert max(model.fitting.values()) > 8
+    (kind, width, cap), rows = max(model.fitting.items(), key=lambda item: item[0][1])
+    assert rows == cap == 40 and len(model.fitting) == 1  # all in one batch
     at_eight = LanguageModel(workdir, batch_size=8).loglikelihood(requests)
     np.testing.assert_allclose([s for s, _ in scores], [s for s, _ in at_eight], rtol=1e-5)
-    (kind, width, cap), _ = max(model.fitting.items(), key=lambda item: item[0][1])
     compiled = lambda rows: model._token_logprobs.lower(  # noqa: E731
-        model, model.params, *[model.abstract((rows, width))] * 2).compile()
+        model, model.params, *[model.abstract((rows, *width))] * 2).compile()
     model.memory, model.fitting = serving.memory_of(compiled(16)), {}
-    assert model.loglikelihood(requests) == scores
+    np.testing.assert_allclose([s for s, _ in model.loglikelihood(requests)], [s for s, _ in scores], rtol=1e-5)
     assert model.fitting[kind, width, cap] == 16 and serving.memory_of(compiled(32)) > model.memory
     model.memory, model.fitting = serving.memory_of(compiled(8)) - 1, {}
     with pytest.raises(UserError, match="--batch_size: even 8 rows"):
@@ -321,10 +340,10 @@ def test_the_time_estimate_counts_the_benchmarks_as_eval_py_encodes_them(workdir
         if spec.max_new_tokens:
             assert task["prompt_tokens"] == len(model.generator.prompt_ids([example.prompt], spec.max_new_tokens)[0])
             assert task["decoding_steps"] == spec.max_new_tokens and set(task["seconds"]) == {"prefill", "decoding"}
-        else:  # MMLU's letters are several tokens of this 400-token BPE: a sequence per answer
+        else:  # MMLU's letters are several tokens of this 400-token BPE: one context, four continuations
             pairs = [model.encode_pair(example.prompt, choice) for choice in example.choices]
-            assert all(len(answer) > 1 for _, answer in pairs)
-            assert task["sequences"] == 4 and task["tokens"] == sum(len(c) + len(a) - 1 for c, a in pairs)
+            assert all(len(answer) > 1 for _, answer in pairs) and len({tuple(c) for c, _ in pairs}) == 1
+            assert task["contexts"] == 1 and task["tokens"] == len(pairs[0][0]) + sum(len(a) for _, a in pairs)
     terms = [s for task in report["tasks"].values() for s in task["seconds"].values()]
     assert report["largest"]["seconds"] == max(terms) and report["total_seconds"] == pytest.approx(sum(terms))
     assert report["largest"]["task"] == "bbh" and report["largest"]["part"] == "decoding"  # 1,024 steps

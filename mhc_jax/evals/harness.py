@@ -6,9 +6,10 @@ Log-likelihoods follow lm-evaluation-harness: the context's trailing whitespace 
 continuation, the continuation's tokens are those of tokenize(context + continuation) past
 tokenize(context), and a request longer than `max_length` keeps its last `max_length` tokens.
 Requests are sorted by length and padded to power-of-two widths, so batching changes no score.
-Requests with the same context whose continuations are one token each (MMLU's " A" .. " D") are
-scored together from one forward pass over the context: causal attention makes the context's last
-logits the same that each request's own pass computes.
+Requests with the same context (MMLU's four answers, HellaSwag's four endings) are scored from one
+forward pass over the context: its last logits score each continuation's first token, and each
+continuation's other tokens are scored by extending the context's KV cache with it. Causal
+attention makes these the log-likelihoods that each request's own pass computes.
 """
 
 import dataclasses
@@ -127,40 +128,63 @@ class LanguageModel:
             return sharding.everywhere((logprobs_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT))
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _next_token_logprobs(self, params, inputs_BT, last_B, candidates_BK):
+    def _continuation_logprobs(self, params, contexts_BT, start_B, continuations_BKC):
+        """Each token's log-probability [B, K, C] in K continuations of each (left-padded) context,
+        and whether it is the greedy choice: one pass over the context, then its cache extended by
+        each continuation in turn (never by the last token, whose logits nothing reads)."""
+        C = continuations_BKC.shape[2]
         with jax.sharding.use_abstract_mesh(self.generator.abstract_mesh):
-            logits_BTV = nnx.merge(self.graphdef, params)(inputs_BT)
-            logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
-            logprobs_BK = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), candidates_BK, axis=1)
-            return sharding.everywhere((logprobs_BK, jnp.argmax(logits_BV, axis=-1)[:, None] == candidates_BK))
+            model = nnx.merge(self.graphdef, params)
+            last_B1V, cache = model.decode(contexts_BT, model.init_cache(start_B, contexts_BT.shape[1] + C - 1),
+                                           last_only=True)
 
-    def rows(self, kind: str, count: int, width: int, compile_rows) -> int:
-        """Rows of a batch `width` wide when `count` requests are left: --batch_size, or (auto) the
-        most that fit (`compile_rows`: rows -> the compiled step), in powers of two from the
-        data-parallel device count, or all that are left. A narrower width starts from what fitted
-        a wider one."""
+            def score(continuation_BC):
+                logits_BCV = last_B1V
+                if C > 1:
+                    logits_BCV = jnp.concatenate([last_B1V, model.decode(continuation_BC[:, :-1], cache)[0]], axis=1)
+                logprobs_BC = -optax.softmax_cross_entropy_with_integer_labels(logits_BCV, continuation_BC)
+                return logprobs_BC, jnp.argmax(logits_BCV, axis=-1) == continuation_BC
+
+            per_choice = jax.lax.map(score, jnp.moveaxis(continuations_BKC, 1, 0))
+            return sharding.everywhere(jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), per_choice))
+
+    def rows(self, kind: str, count: int, width: tuple[int, ...], compile_rows) -> int:
+        """Rows of a batch of padded sizes `width` when `count` requests are left: --batch_size, or
+        (auto) the most that fit (`compile_rows`: rows -> the compiled step), in powers of two from
+        the data-parallel device count, or all that are left. Narrower sizes start from what fitted
+        wider ones."""
         if self.batch_size != "auto":
             return self.batch_size
         unit = serving.data_parallel(self.mesh)
         cap = min(serving.MAX_AUTO_ROWS, unit * -(-count // unit))  # no padding rows beyond the requests
         if (kind, width, cap) not in self.fitting:
-            wider = [rows for (k, w, c), rows in self.fitting.items() if k == kind and w >= width and c >= cap]
+            wider = [rows for (k, w, c), rows in self.fitting.items()
+                     if k == kind and all(a >= b for a, b in zip(w, width)) and c >= cap]
             start = min(max(wider, default=unit), cap)
             self.fitting[kind, width, cap] = serving.largest_batch(
                 lambda rows: serving.compiled_memory(lambda: compile_rows(rows)), self.memory, start, cap)
         return self.fitting[kind, width, cap]
 
-    def batches(self, kind: str, lengths: list[int], step, shapes) -> list[tuple[list[int], int, int]]:
-        """Indices of `lengths` longest first in batches, each with its width and rows: `shapes(rows,
+    def batches(self, kind: str, sizes: list[tuple[int, ...]], step, shapes, smallest: tuple[int, ...] = (16,)
+                ) -> list[tuple[list[int], tuple[int, ...], int]]:
+        """Indices of `sizes` (each a request's lengths: its tokens, then others such as its
+        continuations') in batches, each with its padded sizes (powers of two, at least `smallest`)
+        and rows: requests are ordered by their other lengths' padded sizes, then by their tokens,
+        largest first, and a batch ends where a request outgrows its first's sizes. `shapes(rows,
         width)` are the step's abstract arguments, to compile it for --batch_size=auto."""
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        def padded(i):
+            return tuple(bucket(n, low) for n, low in zip(sizes[i], smallest))
+
+        order = sorted(range(len(sizes)), key=lambda i: tuple(-n for n in padded(i)[1:] + sizes[i][:1]))
         batches, first = [], 0
         while first < len(order):
-            width = bucket(lengths[order[first]])
-            rows = self.rows(kind, len(order) - first, width, lambda r: step.lower(self, self.params, *shapes(r, width))
+            width = padded(order[first])
+            fitting = next((k for k, i in enumerate(order[first:]) if any(n > w for n, w in zip(sizes[i], width))),
+                           len(order) - first)
+            rows = self.rows(kind, fitting, width, lambda r: step.lower(self, self.params, *shapes(r, width))
                              .compile())
-            batches.append((order[first:first + rows], width, rows))
-            first += rows
+            batches.append((order[first:first + min(rows, fitting)], width, rows))
+            first += min(rows, fitting)
         return batches
 
     def abstract(self, shape: tuple, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
@@ -170,9 +194,9 @@ class LanguageModel:
         """For token sequences each with a number of scored tokens at its end: the summed
         log-probability of those tokens and whether each was the greedy choice."""
         results: list = [None] * len(sequences)
-        shapes = lambda rows, width: [self.abstract((rows, width))] * 2  # noqa: E731
-        batches = self.batches("score", [len(tokens) - 1 for tokens, _ in sequences], self._token_logprobs, shapes)
-        for batch, width, rows in progress(batches, desc):
+        shapes = lambda rows, width: [self.abstract((rows, *width))] * 2  # noqa: E731
+        batches = self.batches("score", [(len(tokens) - 1,) for tokens, _ in sequences], self._token_logprobs, shapes)
+        for batch, (width,), rows in progress(batches, desc):
             inputs, targets = np.zeros((2, rows, width), np.int32)
             for r, i in enumerate(batch):
                 tokens = sequences[i][0]
@@ -185,50 +209,59 @@ class LanguageModel:
                 results[i] = (float(logprobs[r, span].sum()), bool(greedy[r, span].all()))
         return results
 
-    def score_next_tokens(self, contexts: list[tuple[list[int], list[int]]], desc: str = "") -> list[list]:
-        """For token contexts each with candidate next tokens: each candidate's log-probability
-        after the context and whether it is the greedy choice, from one pass over the context."""
-        if not contexts:
-            return []
-        width_k = bucket(max(len(candidates) for _, candidates in contexts), smallest=1)
-        results: list = [None] * len(contexts)
-        shapes = lambda rows, width: [self.abstract((rows, width)), self.abstract((rows,)),  # noqa: E731
-                                      self.abstract((rows, width_k))]
-        batches = self.batches("next", [len(tokens) for tokens, _ in contexts], self._next_token_logprobs, shapes)
-        for batch, width, rows in progress(batches, desc):
-            inputs, candidates = np.zeros((rows, width), np.int32), np.zeros((rows, width_k), np.int32)
-            last = np.zeros(rows, np.int32)
+    def score_continuations(self, groups: list[tuple[list[int], list[list[int]]]], desc: str = "") -> list[list]:
+        """For token contexts each with continuations (token lists): each continuation's summed
+        log-probability after its context and whether greedy decoding gives it, from one pass over
+        the context (`_continuation_logprobs`)."""
+        shapes = lambda rows, width: [self.abstract((rows, width[0])), self.abstract((rows,)),  # noqa: E731
+                                      self.abstract((rows, width[2], width[1]))]
+        sizes = [(len(context), max(map(len, continuations)), len(continuations)) for context, continuations in groups]
+        batches = self.batches("continue", sizes, self._continuation_logprobs, shapes, smallest=(16, 1, 1))
+        results: list = [None] * len(groups)
+        for batch, (width, length, choices), rows in progress(batches, desc):
+            contexts, start = np.zeros((rows, width), np.int32), np.full(rows, width - 1, np.int32)
+            continuations = np.zeros((rows, choices, length), np.int32)
             for r, i in enumerate(batch):
-                tokens, choices = contexts[i]
-                inputs[r, :len(tokens)], last[r], candidates[r, :len(choices)] = tokens, len(tokens) - 1, choices
-            logprobs, greedy = jax.device_get(self._next_token_logprobs(
-                self.params, *(sharding.global_batch(a, self.mesh) for a in (inputs, last, candidates))))
+                context, group = groups[i]
+                contexts[r, width - len(context):], start[r] = context, width - len(context)
+                for k, continuation in enumerate(group):
+                    continuations[r, k, :len(continuation)] = continuation
+            logprobs, greedy = jax.device_get(self._continuation_logprobs(
+                self.params, *(sharding.global_batch(a, self.mesh) for a in (contexts, start, continuations))))
             for r, i in enumerate(batch):
-                results[i] = [(float(logprobs[r, k]), bool(greedy[r, k])) for k in range(len(contexts[i][1]))]
+                results[i] = [(float(logprobs[r, k, :len(c)].sum()), bool(greedy[r, k, :len(c)].all()))
+                              for k, c in enumerate(groups[i][1])]
         return results
 
     def loglikelihood(self, requests: list[tuple[str, str]], desc: str = "") -> list[tuple[float, bool]]:
-        """log P(continuation | context) and whether greedy decoding would produce it. One-token
-        continuations of the same context share one pass (`score_next_tokens`)."""
-        sequences, shared = [], {}  # whole sequences to score; context -> [(request, its one token)]
+        """log P(continuation | context) and whether greedy decoding would produce it. Requests with
+        the same context tokens share one pass over them (`score_continuations`) where that computes
+        fewer padded positions than scoring each as a whole sequence (`score_tokens`): MMLU's and
+        HellaSwag's few-shot contexts do, PIQA's short goals with longer solutions mostly do not."""
+        shared, whole = [], []
+        for context, group in self.shared_contexts(requests).items():
+            (shared if sharing_pays(len(context), [len(tokens) for _, tokens in group]) else whole).append((context, group))
+        results: list = [None] * len(requests)
+        scores = self.score_continuations([(list(context), [tokens for _, tokens in group]) for context, group in shared],
+                                          desc)
+        for (_, group), row in zip(shared, scores):
+            for (index, _), result in zip(group, row):
+                results[index] = result
+        sequences = [(index, list(context) + tokens, len(tokens)) for context, group in whole for index, tokens in group]
+        for (index, _, _), result in zip(sequences, self.score_tokens([(t, n) for _, t, n in sequences], desc)):
+            results[index] = result
+        return results
+
+    def shared_contexts(self, requests: list[tuple[str, str]]) -> dict[tuple, list[tuple[int, list[int]]]]:
+        """Context tokens -> [(request index, continuation tokens)]: the requests encoded, each cut
+        to its last max_length + 1 tokens, and grouped by what precedes their continuations."""
+        shared: dict = {}
         for index, (context, continuation) in enumerate(requests):
             context_ids, continuation_ids = self.encode_pair(context, continuation)
             tokens = (context_ids + continuation_ids)[-(self.max_length + 1):]
-            if len(continuation_ids) == 1:
-                shared.setdefault(tuple(tokens[:-1]), []).append((index, tokens[-1]))
-            else:
-                sequences.append((index, tokens, len(continuation_ids)))
-        results: list = [None] * len(requests)
-        scored = self.score_tokens([(tokens, count) for _, tokens, count in sequences], desc)
-        for (index, _, _), result in zip(sequences, scored):
-            results[index] = result
-        groups = list(shared.values())
-        scored = self.score_next_tokens([(list(context), [token for _, token in group])
-                                         for context, group in shared.items()], desc)
-        for group, row in zip(groups, scored):
-            for (index, _), result in zip(group, row):
-                results[index] = result
-        return results
+            scored = min(len(continuation_ids), len(tokens) - 1)
+            shared.setdefault(tuple(tokens[:-scored]), []).append((index, tokens[-scored:]))
+        return shared
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         trailing = len(context) - len(context.rstrip())
@@ -265,7 +298,7 @@ class LanguageModel:
         with progress(None, desc, total=len(prompts)) as bar:
             while first < len(order):
                 width = bucket(lengths[order[first]])
-                rows = self.rows(f"decode {max_new_tokens}", len(order) - first, width,
+                rows = self.rows(f"decode {max_new_tokens}", len(order) - first, (width,),
                                  lambda r: self.generator.compiled_prefill(r, width, max_new_tokens))
                 batch = order[first:first + rows]
                 texts = self.generator.generate([prompts[i] for i in batch], list(until), max_new_tokens, rows,
@@ -275,6 +308,13 @@ class LanguageModel:
                 first += rows
                 bar.update(len(batch))
         return outputs
+
+
+def sharing_pays(context: int, continuations: list[int]) -> bool:
+    """Whether one pass over a context of this many tokens, then its cache extended by each
+    continuation, computes fewer padded positions than each request scored whole."""
+    shared = bucket(context) + bucket(len(continuations), 1) * (bucket(max(continuations), 1) - 1)
+    return 2 * shared <= sum(bucket(context + n - 1) for n in continuations)
 
 
 def progress(iterable, desc: str, total: int | None = None):

@@ -30,6 +30,7 @@ from mhc_jax.errors import UserError
 WEIGHT_AXES = {"vocab", "heads", "kv_heads", "mlp", "kv_latent"}
 PARAMETER_SHARE = 0.5  # the default mesh keeps parameters within this share of a device's memory
 MAX_AUTO_ROWS = 1024  # --batch_size=auto never goes beyond this many rows
+HOST_SHARE = 0.5  # on CPU, the share of the host's memory auto batches may fill: the rest holds the process's own arrays
 
 
 def define_flags() -> tuple[flags.FlagHolder, flags.FlagHolder]:
@@ -68,12 +69,12 @@ def parse_mesh(text: str) -> dict | None:
 
 
 def device_memory() -> int:
-    """Bytes a device's program may use: the accelerator's limit; on CPU, the host's memory shared
-    by its devices."""
+    """Bytes a device's program may use: the accelerator's limit; on CPU, HOST_SHARE of the host's
+    memory, shared by its devices."""
     stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+    return int(HOST_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // jax.local_device_count()
 
 
 def parameter_bytes(abstract_variables, sizes: dict, dtype) -> int:

@@ -33,12 +33,16 @@ def attention(q_BTKUJ, k_BSKJ, v_BSKD, offset, start_B, scale: float, block: int
     return _attention(q_BTKUJ, k_BSKJ, v_BSKD, jnp.asarray(offset, jnp.int32), start_B, scale, block)
 
 
+def padded(x_BX, size: int):
+    """[B, n, ...] zero-padded to a whole number of blocks of `size` (as it is when they divide n)."""
+    extra = -x_BX.shape[1] % size
+    return jnp.pad(x_BX, ((0, 0), (0, extra)) + ((0, 0),) * (x_BX.ndim - 2)) if extra else x_BX
+
+
 def blocks(x_BX, size: int):
     """[B, n, ...] -> [Z, B, size, ...]: zero-padded to a whole number of blocks."""
-    B, n = x_BX.shape[:2]
-    count = -(-n // size)
-    x_BX = jnp.pad(x_BX, ((0, 0), (0, count * size - n)) + ((0, 0),) * (x_BX.ndim - 2))
-    return jnp.moveaxis(x_BX.reshape(B, count, size, *x_BX.shape[2:]), 1, 0)
+    x_BX = padded(x_BX, size)
+    return jnp.moveaxis(x_BX.reshape(x_BX.shape[0], -1, size, *x_BX.shape[2:]), 1, 0)
 
 
 def unblock(x_ZBX, n: int):
@@ -75,20 +79,23 @@ def forward(q_BTKUJ, k_BSKJ, v_BSKD, offset, start_B, scale, block):
     B, T, K, U, _ = q_BTKUJ.shape
     D = v_BSKD.shape[-1]
     bq, bk = sizes(q_BTKUJ, k_BSKJ, block)
-    q_ZBtKUJ, k_ZBsKJ, v_ZBsKD = blocks(q_BTKUJ, bq), blocks(k_BSKJ, bk), blocks(v_BSKD, bk)
-    n_key_blocks = k_ZBsKJ.shape[0]
+    # Key blocks are sliced out of the keys in place: a decoding step's keys are the whole cache,
+    # and a blocked copy of it per layer cost more than the attention itself.
+    q_ZBtKUJ, k_BSKJ, v_BSKD = blocks(q_BTKUJ, bq), padded(k_BSKJ, bk), padded(v_BSKD, bk)
+    n_key_blocks = k_BSKJ.shape[1] // bk
 
     def query_block(i):
         q_BtKUJ = q_ZBtKUJ[i]
 
         def step(j, carry):
             max_BKUt, norm_BKUt, acc_BKUtD = carry
-            s_BKUts = scores(q_BtKUJ, k_ZBsKJ[j], offset + i * bq, j * bk, start_B, scale)
+            k_BsKJ, v_BsKD = (jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1) for x in (k_BSKJ, v_BSKD))
+            s_BKUts = scores(q_BtKUJ, k_BsKJ, offset + i * bq, j * bk, start_B, scale)
             new_max_BKUt = jnp.maximum(max_BKUt, s_BKUts.max(-1))
             p_BKUts = jnp.exp(s_BKUts - new_max_BKUt[..., None])
             rescale_BKUt = jnp.exp(max_BKUt - new_max_BKUt)
             acc_BKUtD = acc_BKUtD * rescale_BKUt[..., None] + jnp.einsum(
-                "bkuts,bskd->bkutd", p_BKUts.astype(v_BSKD.dtype), v_ZBsKD[j], preferred_element_type=jnp.float32)
+                "bkuts,bskd->bkutd", p_BKUts.astype(v_BSKD.dtype), v_BsKD, preferred_element_type=jnp.float32)
             return new_max_BKUt, norm_BKUt * rescale_BKUt + p_BKUts.sum(-1), acc_BKUtD
 
         init = (jnp.full((B, K, U, bq), FLOOR), jnp.zeros((B, K, U, bq)), jnp.zeros((B, K, U, bq, D)))

@@ -54,8 +54,8 @@ class Generator:
     def _prefill(self, params, tokens_BT, start_B, slots):
         with jax.sharding.use_abstract_mesh(self.abstract_mesh):
             model = nnx.merge(self.graphdef, params)
-            logits_BTV, cache = model.decode(tokens_BT, model.init_cache(start_B, slots))
-        return logits_BTV[:, -1], cache
+            logits_B1V, cache = model.decode(tokens_BT, model.init_cache(start_B, slots), last_only=True)
+        return logits_B1V[:, 0], cache
 
     @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2, 3))  # the cache is updated in place
     def _step(self, params, logits_BV, cache, seed, step, temperature):

@@ -164,11 +164,14 @@ class Transformer(nnx.Module):
         x_BTNC, trace, _, _ = self.forward(tokens_BT, True, None)
         return self.logits(x_BTNC), trace
 
-    def decode(self, tokens_BT: jax.Array, cache: "DecodeCache") -> tuple[jax.Array, "DecodeCache"]:
+    def decode(self, tokens_BT: jax.Array, cache: "DecodeCache", last_only: bool = False
+               ) -> tuple[jax.Array, "DecodeCache"]:
         """Logits of tokens that continue the cached ones (from slot cache.index on), and the cache
-        extended by them."""
+        extended by them. `last_only`: the last token's logits alone [B, 1, V], as a prefill needs
+        (the others would take B x T x V floats)."""
         x_BTNC, _, _, stacks = self.forward(tokens_BT, False, cache)
-        return self.logits(x_BTNC), DecodeCache(stacks, cache.start_B, cache.index + tokens_BT.shape[1])
+        logits_BTV = self.logits(x_BTNC[:, -1:] if last_only else x_BTNC)
+        return logits_BTV, DecodeCache(stacks, cache.start_B, cache.index + tokens_BT.shape[1])
 
     def forward(self, tokens_BT, return_trace: bool, cache: "DecodeCache | None"):
         """The one forward pass behind __call__, losses_and_router_stats, trace and decode: the stream

@@ -6,7 +6,7 @@ in the compute dtype) and its scoring step and decoding prefill are compiled for
 memory analysis of them gives the rows per batch that fit a device (--batch_size=auto's rule) and
 the KV cache that each decoding step reads. Token counts come from an evenly spaced sample of each
 benchmark's prompts, tokenized with the config's data tokenizer (config.data.dir), as eval.py
-encodes them (MMLU's one-token answers share their context's pass). Then, at a stated utilisation u
+encodes them (the answers of a question share their context's pass). Then, at a stated utilisation u
 of the slice:
 
 - scoring and prefill: forward FLOPs (training/flops.py's forward pass at each sequence's padded
@@ -64,7 +64,7 @@ def estimate(config, target, devices: list, data_dir: str, utilisation: float, m
         if task.max_new_tokens:
             lengths = [len(ids) for ids in model.generator.prompt_ids([e.prompt for e in chosen], task.max_new_tokens)]
             width = bucket(max(lengths))
-            rows = model.rows(f"decode {task.max_new_tokens}", len(examples), width,
+            rows = model.rows(f"decode {task.max_new_tokens}", len(examples), (width,),
                               lambda r: model.generator.compiled_prefill(r, width, task.max_new_tokens))
             cache = model.generator.compiled_prefill(rows, width, task.max_new_tokens).memory_analysis().output_size_in_bytes
             slots = width + bucket(task.max_new_tokens)
@@ -75,32 +75,25 @@ def estimate(config, target, devices: list, data_dir: str, utilisation: float, m
             tasks[name] = {"examples": len(examples), "rows": rows, "prompt_tokens": round(scale * sum(lengths)),
                            "decoding_steps": steps, "step_seconds": step_seconds, "seconds": seconds}
         else:
-            lengths = sequence_lengths(model, chosen, max_length)
-            width = bucket(max(lengths))
-            rows = model.rows("score", len(examples), width, lambda r: model._token_logprobs.lower(
-                model, model.params, *[model.abstract((r, width))] * 2).compile())
-            seconds = {"scoring": scale * sum(bucket(n) * forward(bucket(n)) for n in lengths) / rate}
-            tasks[name] = {"examples": len(examples), "rows": rows, "sequences": round(scale * len(lengths)),
-                           "tokens": round(scale * sum(lengths)), "seconds": seconds}
+            groups = [group for example in chosen for group in model.shared_contexts(
+                [(example.prompt, choice) for choice in example.choices]).items()]
+            lengths = [(len(context), max(len(tokens) for _, tokens in continuations), len(continuations))
+                       for context, continuations in groups]
+            width = tuple(bucket(max(size[d] for size in lengths), smallest) for d, smallest in enumerate((16, 1, 1)))
+            rows = model.rows("continue", len(examples), width, lambda r: model._continuation_logprobs.lower(
+                model, model.params, model.abstract((r, width[0])), model.abstract((r,)),
+                model.abstract((r, width[2], width[1]))).compile())
+            tokens = [(bucket(n), bucket(k, 1) * (bucket(c, smallest=1) - 1)) for n, c, k in lengths]
+            seconds = {"scoring": scale * sum(n * forward(n) + extra * forward(n + extra) for n, extra in tokens) / rate}
+            tasks[name] = {"examples": len(examples), "rows": rows, "contexts": round(scale * len(groups)),
+                           "tokens": round(scale * sum(len(context) + sum(len(tokens) for _, tokens in continuations)
+                                                       for context, continuations in groups)), "seconds": seconds}
     terms = {(name, part): s for name, task in tasks.items() for part, s in task["seconds"].items()}
     largest = max(terms, key=terms.get)
     return {"topology": target.name, "devices": len(devices), "mesh": sizes, "dtype": config.model.dtype,
             "parameters_per_device": parameters, "utilisation": utilisation, "max_length": max_length,
             "tokenizer": str(Path(config.data.dir)), "tasks": tasks, "total_seconds": sum(terms.values()),
             "largest": {"task": largest[0], "part": largest[1], "seconds": terms[largest]}}
-
-
-def sequence_lengths(model: LanguageModel, examples: list, max_length: int) -> list[int]:
-    """The widths eval.py scores for these examples: one sequence per context whose answers are one
-    token each (shared context), else one per answer."""
-    lengths = []
-    for example in examples:
-        pairs = [model.encode_pair(example.prompt, choice) for choice in example.choices]
-        if all(len(answer) == 1 for _, answer in pairs):
-            lengths.append(min(len(pairs[0][0]), max_length))
-        else:
-            lengths += [min(len(context) + len(answer) - 1, max_length) for context, answer in pairs]
-    return lengths
 
 
 def duration(seconds: float) -> str:
