@@ -32,6 +32,13 @@ def variant(request):
     return request.param
 
 
+@pytest.fixture(params=("residual", "mhc"))
+def stream_variant(request):
+    """For slow tests whose subject is not the residual connection (expert parallelism, latent
+    attention's decoding): one stream, and n streams mixed by dynamic coefficients."""
+    return request.param
+
+
 def built_once(tmp_path_factory, name: str, build) -> Path:
     """The folder `name`, made by `build(folder)` once per test session: pytest-xdist's workers
     (pytest.ini runs two) share it, the first builds it under a lock and the others wait for it."""

@@ -46,8 +46,8 @@ def test_cached_decoding_repeats_full_recomputation(variant, tokenizer):
     assert all(outputs)
 
 
-def test_latent_attention_decoding_repeats_full_recomputation(variant, tokenizer):
-    model = make_model(variant, {"vocab_size": 400}, scale="moe_debug")
+def test_latent_attention_decoding_repeats_full_recomputation(stream_variant, tokenizer):
+    model = make_model(stream_variant, {"vocab_size": 400}, scale="moe_debug")
     decode = generator(model, tokenizer)
     outputs = decode.generate(PROMPTS, until=[], max_new_tokens=12, rows=4)
     assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]

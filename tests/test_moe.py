@@ -367,18 +367,18 @@ def loss_and_grads_on(config, sizes, params, tokens):
 
 
 @pytest.mark.slow
-def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device(variant):
+def test_expert_parallelism_gives_the_loss_and_gradients_of_one_device(stream_variant):
     """The same parameters and batch on one device and on 8. Gradients: the whole gradient, and every
     leaf above a thousandth of its norm, within 1e-5 relative (the leaves below, HC's static_alpha_m,
     are float cancellation, tiny on any mesh). Dropless expert parallelism on CPU exchanges rows by
     all_gather (its backward reduce-scatters), with no all-to-all."""
     tokens = np.random.default_rng(0).integers(0, 512, (8, 65), dtype=np.int32)
-    config = get_config(f"{variant},moe_debug")
+    config = get_config(f"{stream_variant},moe_debug")
     assert config.model.moe.dispatch == "dropless"
     params = jax.device_get(Experiment(config, mesh_of((1, 1, 1, 1))).init_state()["params"])
     loss, grads, _ = loss_and_grads_on(config, (1, 1, 1, 1), params, tokens)
     norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
-    for sizes in EXPERT_MESHES.get(variant, ((1, 2, 4, 1),)):
+    for sizes in EXPERT_MESHES.get(stream_variant, ((1, 2, 4, 1),)):
         sharded_loss, sharded_grads, hlo = loss_and_grads_on(config, sizes, params, tokens)
         assert float(sharded_loss) == pytest.approx(float(loss), rel=1e-5), sizes
         errors = [np.linalg.norm(a - b) for a, b in zip(jax.tree.leaves(sharded_grads), jax.tree.leaves(grads))]

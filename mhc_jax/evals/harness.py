@@ -318,8 +318,9 @@ def sharing_pays(context: int, continuations: list[int]) -> bool:
 
 
 def progress(iterable, desc: str, total: int | None = None):
-    """A progress bar named `desc` on process 0 (none without a name)."""
-    return tqdm(iterable, desc=desc, total=total, disable=not desc or jax.process_index() > 0, leave=False)
+    """A progress bar named `desc` on process 0 (none without a name, or with nothing to do)."""
+    count = total if iterable is None else len(iterable)
+    return tqdm(iterable, desc=desc, total=total, disable=not desc or not count or jax.process_index() > 0, leave=False)
 
 
 def load_workdir_tokenizer(workdir, meta: dict):
