@@ -58,6 +58,16 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     m.tie_embeddings = shape["tie_embeddings"]  # unembed with the transposed embedding table
     m.rope_theta = 10_000.0  # RoPE base (the paper's Table 5)
     m.norm_eps = 1e-6  # RMSNorm epsilon, everywhere in the model
+    # What imported models need (scripts/import_hf.py); the defaults are the models above.
+    m.head_dim = 0  # 'mha' per-head dims; 0 is d_model // n_heads (Qwen3's differ)
+    m.qkv_bias = False  # biases on the query, key and value projections (Qwen2)
+    m.qk_norm = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    rope = m.rope_scaling = ml_collections.ConfigDict()  # RoPE frequencies for long contexts (layers.Rope)
+    rope.kind = "none"  # 'none', 'linear' (all frequencies / factor) or 'llama3' (the low ones / factor, a blend between)
+    rope.factor = 1.0  # the context extension factor
+    rope.low_freq_factor = 1.0  # llama3: wavelengths above original_max_position / low_freq_factor are scaled
+    rope.high_freq_factor = 4.0  # llama3: wavelengths below original_max_position / high_freq_factor are kept
+    rope.original_max_position = 8192  # llama3: the context length of pretraining
     m.dtype = "auto"  # compute dtype of activations: 'auto' is bfloat16 on GPU/TPU, float32 on CPU; params stay float32
     m.scan_layers = True  # lax.scan over the stacked blocks: compile time independent of depth
     m.remat = shape["remat"]  # per-block rematerialization: 'none', 'full' (keep the stream and the HC/mHC coefficients) or 'dots'

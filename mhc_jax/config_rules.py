@@ -9,7 +9,7 @@ import ml_collections
 
 from mhc_jax import validation
 from mhc_jax.data import pipeline
-from mhc_jax.model import attention, attention_kernels, moe, residual, transformer
+from mhc_jax.model import attention, attention_kernels, layers, moe, residual, transformer
 from mhc_jax.training import optim
 from mhc_jax.validation import FLAG, Choice, Number, Relation, Text
 
@@ -24,6 +24,10 @@ FIELD_RULES = {
     "model.n_kv_heads": SIZE, "model.d_ff": SIZE, "model.attention": Choice(attention.KINDS),
     "model.attention_kernel": Choice(attention_kernels.KERNELS),
     "model.tie_embeddings": FLAG, "model.rope_theta": POSITIVE, "model.norm_eps": POSITIVE,
+    "model.head_dim": COUNT, "model.qkv_bias": FLAG, "model.qk_norm": FLAG,
+    "model.rope_scaling.kind": Choice(layers.ROPE_SCALINGS), "model.rope_scaling.factor": POSITIVE,
+    "model.rope_scaling.low_freq_factor": POSITIVE, "model.rope_scaling.high_freq_factor": POSITIVE,
+    "model.rope_scaling.original_max_position": SIZE,
     "model.dtype": Choice(transformer.DTYPES), "model.scan_layers": FLAG, "model.remat": Choice(tuple(transformer.REMAT_POLICIES)),
     "model.site_impl": Choice(residual.IMPLEMENTATIONS),
     "model.mla.kv_rank": SIZE, "model.mla.rope_dim": SIZE, "model.mla.head_dim": SIZE,
@@ -54,10 +58,14 @@ FIELD_RULES = {
 RELATIONS = (
     Relation("model.n_streams", lambda c: residual.stream_count_problem(c.model) is None,
              lambda c: residual.stream_count_problem(c.model)),
-    Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.d_model % c.model.n_heads == 0,
-             "must be divisible by model.n_heads = {c.model.n_heads}"),
-    Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.d_model // c.model.n_heads % 2 == 0,
-             "head_dim = d_model // n_heads must be even for RoPE"),
+    Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.head_dim
+             or c.model.d_model % c.model.n_heads == 0,
+             "must be divisible by model.n_heads = {c.model.n_heads} (or set model.head_dim)"),
+    Relation("model.head_dim", lambda c: c.model.attention != "mha" or attention.head_dim(c.model) % 2 == 0,
+             "head_dim (d_model // n_heads where model.head_dim is 0) must be even for RoPE"),
+    Relation("model.rope_scaling.high_freq_factor", lambda c: c.model.rope_scaling.kind != "llama3"
+             or c.model.rope_scaling.high_freq_factor > c.model.rope_scaling.low_freq_factor,
+             "must be above model.rope_scaling.low_freq_factor for 'llama3'"),
     Relation("model.n_kv_heads", lambda c: c.model.attention != "mha" or c.model.n_heads % c.model.n_kv_heads == 0,
              "must divide model.n_heads = {c.model.n_heads}"),
     Relation("model.mla.rope_dim", lambda c: c.model.attention != "mla" or c.model.mla.rope_dim % 2 == 0,

@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs.pretrain import get_config
 from mhc_jax.model.attention import LatentAttention
-from mhc_jax.model.layers import apply_rope
+from mhc_jax.model.layers import Rope
 
 
 def latent_attention(overrides: dict | None = None) -> LatentAttention:
@@ -58,9 +58,9 @@ def test_at_full_rank_latent_attention_is_uncompressed_multi_head_attention():
     x_BTC = x_BTC / jnp.sqrt(jnp.mean(x_BTC**2, -1, keepdims=True))
     positions_BT = jnp.broadcast_to(jnp.arange(12), (2, 12))
     q_BTHJ = jnp.einsum("btc,chj->bthj", x_BTC, layer.wq[...])
-    q_BTHJ = jnp.concatenate([q_BTHJ[..., :D], apply_rope(q_BTHJ[..., D:], positions_BT, 10_000.0)], -1)
+    q_BTHJ = jnp.concatenate([q_BTHJ[..., :D], Rope(10_000.0)(q_BTHJ[..., D:], positions_BT)], -1)
     w_k, w_v = layer.wkv_b[...][..., :D], layer.wkv_b[...][..., D:]  # [C, H, D] each: plain per-head weights
-    k_rope_BT1R = apply_rope((x_BTC @ layer.wkv_a[...][:, C:])[:, :, None], positions_BT, 10_000.0)
+    k_rope_BT1R = Rope(10_000.0)((x_BTC @ layer.wkv_a[...][:, C:])[:, :, None], positions_BT)
     k_BTHJ = jnp.concatenate([jnp.einsum("btc,chd->bthd", x_BTC, w_k),
                               jnp.broadcast_to(k_rope_BT1R, (2, 12, w_k.shape[1], R))], -1)
     v_BTHJ = jnp.pad(jnp.einsum("btc,chd->bthd", x_BTC, w_v), ((0, 0),) * 3 + ((0, R),))

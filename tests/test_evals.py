@@ -22,6 +22,7 @@ from mhc_jax.evals import eval_data, hellaswag, registry, serving, speed, trivia
 from mhc_jax.evals.harness import LanguageModel, aggregate, sharing_pays
 from mhc_jax.evals.lm_eval_adapter import HarnessModel
 from mhc_jax.pods import eval_estimate, topology
+from mhc_jax.training import checkpoint
 
 ROOT = Path(__file__).parents[1]
 ALL_TASKS = ",".join(registry.TASKS)
@@ -347,6 +348,20 @@ def test_the_time_estimate_counts_the_benchmarks_as_eval_py_encodes_them(workdir
     terms = [s for task in report["tasks"].values() for s in task["seconds"].values()]
     assert report["largest"]["seconds"] == max(terms) and report["total_seconds"] == pytest.approx(sum(terms))
     assert report["largest"]["task"] == "bbh" and report["largest"]["part"] == "decoding"  # 1,024 steps
+
+
+@pytest.mark.slow
+def test_a_checkpoint_older_than_the_model_fields_it_lacks_scores_as_before(workdir, tmp_path):
+    """A checkpoint whose config predates model fields (head_dim, qkv_bias, ...) reads with the
+    values that mean what it computed (checkpoint.MODEL_FIELDS_ADDED_LATER)."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    meta_file = copy / "checkpoints" / "4" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    for field in checkpoint.MODEL_FIELDS_ADDED_LATER:
+        del meta["config"]["model"][field]
+    meta_file.write_text(json.dumps(meta))
+    assert LanguageModel(copy, batch_size=8).loglikelihood(REQUESTS) == LanguageModel(workdir, batch_size=8).loglikelihood(REQUESTS)
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mhc_jax.model import attention_kernels
-from mhc_jax.model.layers import RMSNorm, apply_rope, normal, param
+from mhc_jax.model.layers import RMSNorm, Rope, normal, param
 
 KINDS = ("mha", "mla")
 
@@ -45,8 +45,12 @@ def cache_shapes(cfg) -> tuple[tuple[int, ...], ...]:
     """Per-token shapes of one layer's cache entries."""
     if cfg.attention == "mla":
         return (cfg.mla.kv_rank,), (cfg.mla.rope_dim,)
-    head_dim = cfg.d_model // cfg.n_heads
-    return (cfg.n_kv_heads, head_dim), (cfg.n_kv_heads, head_dim)
+    return (cfg.n_kv_heads, head_dim(cfg)), (cfg.n_kv_heads, head_dim(cfg))
+
+
+def head_dim(cfg) -> int:
+    """'mha' per-head dims: model.head_dim, or d_model // n_heads where it is 0."""
+    return cfg.head_dim or cfg.d_model // cfg.n_heads
 
 
 def extend(cache: LayerCache, new_entries: tuple) -> LayerCache:
@@ -71,16 +75,20 @@ def train_positions(x_BTC: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Multi-head (or grouped-query) causal self-attention with RoPE on the whole head."""
+    """Multi-head (or grouped-query) causal self-attention with RoPE on the whole head; optionally
+    with query/key/value biases (model.qkv_bias, as Qwen2) and each query and key head
+    RMS-normalized before RoPE (model.qk_norm, as Qwen3)."""
 
     def __init__(self, cfg, out_std: float, rngs: nnx.Rngs):
-        C, H, K = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
-        D = C // H
+        C, H, K, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, head_dim(cfg)
         self.wq = param(normal(rngs, (C, H, D), C**-0.5), ("embed", "heads", "head_dim"))
         self.wk = param(normal(rngs, (C, K, D), C**-0.5), ("embed", "kv_heads", "head_dim"))
         self.wv = param(normal(rngs, (C, K, D), C**-0.5), ("embed", "kv_heads", "head_dim"))
         self.wo = param(normal(rngs, (H, D, C), out_std * (H * D) ** -0.5), ("heads", "head_dim", "embed"))
-        self.rope_theta = cfg.rope_theta
+        self.bq, self.bk, self.bv = (param(jnp.zeros((n, D)), (axis, "head_dim"), weight_decay=False)
+                                     if cfg.qkv_bias else None for n, axis in ((H, "heads"), (K, "kv_heads"), (K, "kv_heads")))
+        self.q_norm, self.k_norm = (RMSNorm(D, cfg.norm_eps), RMSNorm(D, cfg.norm_eps)) if cfg.qk_norm else (None, None)
+        self.rope = Rope.of(cfg)
         self.kernel, self.scale = kernel_for(cfg), D**-0.5
 
     def __call__(self, x_BTC: jax.Array) -> jax.Array:
@@ -102,8 +110,12 @@ class Attention(nnx.Module):
         q_BTHD = jnp.einsum("btc,chd->bthd", x_BTC, self.wq[...].astype(dtype))
         k_BTKD = jnp.einsum("btc,ckd->btkd", x_BTC, self.wk[...].astype(dtype))
         v_BTKD = jnp.einsum("btc,ckd->btkd", x_BTC, self.wv[...].astype(dtype))
-        return (apply_rope(q_BTHD, positions_BT, self.rope_theta), apply_rope(k_BTKD, positions_BT, self.rope_theta),
-                v_BTKD)
+        if self.bq is not None:
+            q_BTHD, k_BTKD, v_BTKD = (x + b[...].astype(dtype) for x, b in zip((q_BTHD, k_BTKD, v_BTKD),
+                                                                                (self.bq, self.bk, self.bv)))
+        if self.q_norm is not None:
+            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+        return self.rope(q_BTHD, positions_BT), self.rope(k_BTKD, positions_BT), v_BTKD
 
     def output(self, o_BTHD):
         return jnp.einsum("bthd,hdc->btc", o_BTHD, self.wo[...].astype(o_BTHD.dtype))
@@ -121,7 +133,7 @@ class LatentAttention(nnx.Module):
         self.wkv_b = param(normal(rngs, (r, H, 2 * D), r**-0.5), ("kv_latent", "heads", "head_dim"))  # [k_nope | v]
         self.wo = param(normal(rngs, (H, D, C), out_std * (H * D) ** -0.5), ("heads", "head_dim", "embed"))
         self.head_dim, self.rope_dim, self.kv_rank = D, R, r
-        self.rope_theta = cfg.rope_theta
+        self.rope = Rope.of(cfg)
         self.kernel, self.scale = kernel_for(cfg), (D + R) ** -0.5
 
     def __call__(self, x_BTC: jax.Array) -> jax.Array:
@@ -153,10 +165,10 @@ class LatentAttention(nnx.Module):
         """The query [q_nope; rope(q_rope)] per head, the normalized latent and the RoPE key."""
         dtype, D = x_BTC.dtype, self.head_dim
         q_BTHJ = jnp.einsum("btc,chj->bthj", x_BTC, self.wq[...].astype(dtype))
-        q_BTHJ = jnp.concatenate([q_BTHJ[..., :D], apply_rope(q_BTHJ[..., D:], positions_BT, self.rope_theta)], -1)
+        q_BTHJ = jnp.concatenate([q_BTHJ[..., :D], self.rope(q_BTHJ[..., D:], positions_BT)], -1)
         kv_BTa = x_BTC @ self.wkv_a[...].astype(dtype)
         latent_BTr = self.kv_norm(kv_BTa[..., :self.kv_rank])
-        k_rope_BTR = apply_rope(kv_BTa[..., None, self.kv_rank:], positions_BT, self.rope_theta)[..., 0, :]
+        k_rope_BTR = self.rope(kv_BTa[..., None, self.kv_rank:], positions_BT)[..., 0, :]
         return q_BTHJ, latent_BTr, k_rope_BTR
 
     def expand_latent(self, latent_BTr):

@@ -6,6 +6,8 @@ sharding rules, and whether AdamW decays it. Parameters are float32; each layer 
 dtype of its input.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -37,15 +39,52 @@ class RMSNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, rotating the two halves of each head (computed in float32)."""
-    half = x_BTHD.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_BTR = positions_BT[..., None].astype(jnp.float32) * inv_freq
-    cos, sin = jnp.cos(angle_BTR)[:, :, None, :], jnp.sin(angle_BTR)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x_BTHD.dtype)
+ROPE_SCALINGS = ("none", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding: each head's two halves rotated together by angles position x
+    frequency, the frequencies theta^(-i / half) (i < half), optionally rescaled for contexts longer
+    than pretraining's (model.rope_scaling): 'linear' divides them all by `factor`; 'llama3'
+    (Llama 3.1) divides those of wavelengths above original_max_position / low_freq_factor, keeps
+    those below original_max_position / high_freq_factor, and blends the two in between."""
+    theta: float
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    @classmethod
+    def of(cls, cfg) -> "Rope":
+        scaling = cfg.rope_scaling
+        return cls(cfg.rope_theta, scaling.kind, scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
+                   scaling.original_max_position)
+
+    def frequencies(self, half: int) -> jax.Array:
+        inv_freq = self.theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+        if self.kind == "linear":
+            return inv_freq / self.factor
+        if self.kind == "llama3":
+            wavelength = 2 * jnp.pi / inv_freq
+            smooth = (self.original_max_position / wavelength - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor)
+            scaled = jnp.where(wavelength > self.original_max_position / self.low_freq_factor, inv_freq / self.factor,
+                               inv_freq)
+            blended = (1 - smooth) * scaled / self.factor + smooth * scaled
+            middle = (wavelength >= self.original_max_position / self.high_freq_factor) & (
+                wavelength <= self.original_max_position / self.low_freq_factor)
+            return jnp.where(middle, blended, scaled)
+        return inv_freq
+
+    def __call__(self, x_BTHD: jax.Array, positions_BT: jax.Array) -> jax.Array:
+        """x rotated (computed in float32)."""
+        angle_BTR = positions_BT[..., None].astype(jnp.float32) * self.frequencies(x_BTHD.shape[-1] // 2)
+        cos, sin = jnp.cos(angle_BTR)[:, :, None, :], jnp.sin(angle_BTR)[:, :, None, :]
+        x1, x2 = jnp.split(x_BTHD.astype(jnp.float32), 2, axis=-1)
+        rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return rotated.astype(x_BTHD.dtype)
 
 
 class SwiGLU(nnx.Module):

@@ -23,6 +23,10 @@ from mhc_jax.errors import UserError
 # What reading a damaged or vanishing checkpoint raises: orbax and tensorstore raise many kinds, plain
 # Exception among them. A UserError (another experiment's checkpoint) is never one of these.
 UNREADABLE = Exception
+# Model config fields added after checkpoints were first written, each with the value that means
+# what the model computed before it existed (configs/pretrain.py explains them).
+MODEL_FIELDS_ADDED_LATER = {"head_dim": 0, "qkv_bias": False, "qk_norm": False, "rope_scaling": dict(
+    kind="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)}
 
 
 class Checkpoints:
@@ -130,7 +134,11 @@ class Checkpoints:
         self.reload()
 
     def read_meta(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        """The step's metadata; model fields its config predates get the values it was trained with."""
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if "config" in meta:
+            meta["config"]["model"] = {**MODEL_FIELDS_ADDED_LATER, **meta["config"]["model"]}
+        return meta
 
     def restore_params(self, step: int, abstract_params):
         """Only the model parameters of `step` (not the optimizer state), laid out and typed as given."""

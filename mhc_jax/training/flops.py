@@ -12,7 +12,7 @@ MFU = FLOPs per token x tokens per second / (devices x peak FLOP/s per device).
 
 import jax
 
-from mhc_jax.model import residual
+from mhc_jax.model import attention, residual
 from mhc_jax.model.transformer import param_counts
 
 # Dense bf16 peak FLOP/s per device, by a substring of jax's device_kind (first match wins).
@@ -26,7 +26,7 @@ def train_flops_per_token(model_config, seq_len: int) -> float:
     if c.attention == "mla":
         qk_dims, v_dims = c.mla.head_dim + c.mla.rope_dim, c.mla.head_dim
     else:
-        qk_dims = v_dims = c.d_model // c.n_heads
+        qk_dims = v_dims = attention.head_dim(c)
     forward = (2 * (counts["active"] - counts["residual_overhead"])  # site_flops counts the HC/mHC weights
                + 2 * c.n_layers * seq_len * c.n_heads * (qk_dims + v_dims)
                + 2 * c.n_layers * residual.site_flops(c))
