@@ -13,6 +13,10 @@ from mhc_jax.model import attention, attention_kernels, layers, moe, residual, t
 from mhc_jax.training import optim
 from mhc_jax.validation import FLAG, Choice, Number, Relation, Text
 
+# Model fields that change how the model compiles, not what it computes: a run resumes across them,
+# and surgery (--init_from) takes them from the run's config rather than the source's.
+COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl", "attention_kernel", "moe.dispatch", "moe.exchange",
+                       "moe.grouped_matmul", "moe.capacity_factor")
 COUNT, SIZE = Number(int, 0), Number(int, 1)  # >= 0, >= 1
 POSITIVE, NON_NEGATIVE, ANY = Number(float, 0, above=True), Number(float, 0), Number(float)
 FRACTION = Number(float, 0, 1)
@@ -46,6 +50,7 @@ FIELD_RULES = {
     "train.min_lr_ratio": FRACTION, "train.decay_fraction": Number(float, 0, 1, above=True),
     "train.weight_decay": NON_NEGATIVE, "train.b1": Number(float, 0, 1, below=True),
     "train.b2": Number(float, 0, 1, below=True), "train.eps": POSITIVE, "train.grad_clip": POSITIVE,
+    "train.site_lr_scale": NON_NEGATIVE, "train.site_warmup_steps": COUNT,
     "train.seed": COUNT, "train.log_every": SIZE, "train.eval_every": SIZE, "train.eval_batches": COUNT,
     "train.diag_every": SIZE, "train.checkpoint_every": SIZE, "train.keep_checkpoints": SIZE, "train.stop_at_step": COUNT,
     "mesh.data": MESH_AXIS, "mesh.fsdp": MESH_AXIS, "mesh.expert": MESH_AXIS, "mesh.tensor": MESH_AXIS,

@@ -2,6 +2,9 @@
 scripts/make_hf_reference.py with transformers) give the reference's logits and greedy tokens."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -9,14 +12,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import (
+    assert_user_error,
+    corpus_documents,
+    make_model,
+    prepare_small_corpus,
+    random_tokens,
+    randomize,
+    records,
+    run_train,
+    xla_flags,
+)
 
 from configs.pretrain import get_config
+from mhc_jax import sharding
+from mhc_jax.data import prepare
 from mhc_jax.errors import UserError
+from mhc_jax.evals.harness import LanguageModel
 from mhc_jax.model.transformer import abstract_variables_of
-from mhc_jax.pretrained import hf, safetensors_file
+from mhc_jax.pretrained import hf, importer, safetensors_file, surgery
+from mhc_jax.training.experiment import Experiment
 
-REFERENCE = Path(__file__).parent / "data" / "hf"
+ROOT = Path(__file__).parents[1]
+REFERENCE = ROOT / "tests" / "data" / "hf"
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "XLA_FLAGS": xla_flags(1, optimized=False)})
 
 
 def imported(folder: Path):
@@ -92,8 +116,133 @@ def test_bad_folders_are_one_line(tmp_path):
     with pytest.raises(UserError, match="GPT2LMHeadModel; the architectures supported are LlamaForCausalLM"):
         (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
         hf.read_config(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 64}))
+    with pytest.raises(UserError, match="tokenizer.json has 96 tokens but the weights embed only 64"):
+        importer.import_hf(folder, tmp_path / "run", get_config("residual,debug"))
+    assert not (tmp_path / "run").exists()
     tensors = safetensors_file.read(REFERENCE / "llama" / "model.safetensors")[0]
     fields = hf.model_fields(json.loads((REFERENCE / "llama" / "config.json").read_text()))
     with pytest.raises(UserError, match=r"model.layers.0.mlp.gate_proj.weight is \[48, 32\] where config.json implies "
                                         r"\[64, 32\]"):
         hf.params_from_hf(tensors, {**fields, "d_ff": 64})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["qwen3", "mistral"])  # q/k norms and head_dim; three shards
+def test_an_imported_workdir_scores_as_the_reference(architecture, tmp_path):
+    """scripts/import_hf.py writes a workdir whose log-likelihoods are the reference's;
+    scripts/export_hf.py gives the folder back byte for byte; importing into it again is refused
+    and changes nothing."""
+    folder, workdir = REFERENCE / architecture, tmp_path / "run"
+    result = run_script("scripts/import_hf.py", f"--hf_dir={folder}", f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr
+    reference = np.load(folder / "reference.npz")
+    tokens = [int(t) for t in reference["tokens"][0]]
+    logits = reference["logits"][0].astype(np.float64)
+    log_softmax = logits - logits.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    expected = sum(log_softmax[i, tokens[i + 1]] for i in range(len(tokens) - 1))
+    model = LanguageModel(workdir, batch_size=8)
+    assert model.step == 0 and model.tokenizer.eos_token == "</s>"
+    (logprob, _), = model.score_tokens([(tokens, len(tokens) - 1)])
+    assert logprob == pytest.approx(expected, rel=1e-5)
+    exported = tmp_path / "exported"
+    result = run_script("scripts/export_hf.py", f"--workdir={workdir}", f"--out={exported}")
+    assert result.returncode == 0, result.stderr
+    originals = sorted(p.name for p in folder.iterdir())  # every file, reference.npz too (kept as any other)
+    assert sorted(p.name for p in exported.iterdir()) == originals
+    assert all((exported / name).read_bytes() == (folder / name).read_bytes() for name in originals)
+    listing = sorted(p.name for p in workdir.rglob("*"))
+    assert_user_error(run_script("scripts/import_hf.py", f"--hf_dir={folder}", f"--workdir={workdir}"),
+                      "--workdir", "already holds checkpoints")
+    assert sorted(p.name for p in workdir.rglob("*")) == listing
+
+
+def test_the_sites_learning_rate_scale_and_warmup_apply_to_the_sites_only():
+    """One AdamW step from the same state: at train.site_lr_scale = 0.25 the site parameters move
+    a quarter as far as at 1, every other parameter as far; a site warmup of 4 steps quarters the
+    first step's site update again."""
+    tokens = np.random.default_rng(0).integers(0, 512, (8, 65), dtype=np.int32)
+    moved = {}
+    for scale, warmup in ((1.0, 0), (0.25, 0), (0.25, 4)):
+        config = get_config("mhc,debug")
+        config.train.site_lr_scale, config.train.site_warmup_steps = scale, warmup
+        experiment = Experiment(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+        state = experiment.init_state()
+        before = jax.device_get(state["params"])
+        after = jax.device_get(experiment.train_step(state, tokens)[0]["params"])
+        moved[scale, warmup] = jax.tree.map(lambda a, b: np.abs(a - b).sum(), after, before)
+    flat = {key: dict(zip(surgery.paths(tree), jax.tree.leaves(tree))) for key, tree in moved.items()}
+    sites = [path for path in flat[1.0, 0] if surgery.is_site(path) and flat[1.0, 0][path] > 0]
+    others = [path for path in flat[1.0, 0] if not surgery.is_site(path) and flat[1.0, 0][path] > 0]
+    assert sites and others
+    for path in sites:
+        assert flat[0.25, 0][path] == pytest.approx(0.25 * flat[1.0, 0][path], rel=1e-2), path
+        assert flat[0.25, 4][path] == pytest.approx(0.0625 * flat[1.0, 0][path], rel=1e-2), path
+    for path in others:
+        assert flat[0.25, 0][path] == flat[1.0, 0][path] == flat[0.25, 4][path], path
+
+
+def pure(model) -> dict:
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+
+
+@pytest.mark.parametrize("scale", ["debug", "moe_debug"])
+def test_surgery_into_hc_and_mhc_keeps_the_function(scale):
+    """A random residual model (dense, and MoE + MLA) grafted into hc, hc_static and mhc: the same
+    logits at step 0, within 1e-6 of the largest (the final norm's epsilon: see surgery.py)."""
+    source = make_model("residual", scale=scale)
+    randomize(source, scale=0.2)
+    tokens = random_tokens(source.embed.table.shape[0], batch=2, length=24)
+    expected = np.asarray(source(tokens), np.float64)
+    for variant in ("hc", "hc_static", "mhc"):
+        target = make_model(variant, scale=scale, seed=1)
+        state = nnx.state(target)
+        nnx.replace_by_pure_dict(state, surgery.graft(pure(source), pure(target),
+                                                      get_config(f"{variant},{scale}").model.residual))
+        nnx.update(target, state)
+        logits = np.asarray(target(tokens), np.float64)
+        assert np.abs(logits - expected).max() <= 1e-6 * np.abs(expected).max(), variant
+        alpha = [v for p, v in zip(surgery.paths(pure(target)), jax.tree.leaves(pure(target))) if p.endswith("['alpha']")]
+        assert all((a == 0).all() for a in alpha) and (variant == "mhc") == bool(alpha)
+
+
+def test_surgery_refuses_a_source_of_another_shape():
+    target = pure(make_model("mhc"))
+    source = pure(make_model("residual", {"d_ff": 96}))
+    with pytest.raises(UserError, match=r"--init_from: \['blocks'\]\['mlp'\]\['w_down'\] is \[2, 96, 64\] in the source"):
+        surgery.graft(source, target, "mhc")
+    del source["final_norm"]
+    with pytest.raises(UserError, match=r"--init_from: its parameters are not this model's .*missing \[\"\['final_norm'\]"):
+        surgery.graft(source, target, "mhc")
+
+
+@pytest.mark.slow
+def test_train_continues_a_hugging_face_model_as_residual_and_after_surgery_into_mhc(tmp_path):
+    """train.py --init_from=<Hugging Face folder> on data prepared with its tokenizer: as residual
+    and as mHC, the first step's loss is the same (surgery keeps the function), both train on, and
+    the run records its source. Bad sources are one line: another tokenizer's data, an mHC workdir."""
+    folder = REFERENCE / "qwen3"
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_documents(200)))
+    data = tmp_path / "data"
+    prepare.prepare(data, prepare.Recipe(sources=(str(tmp_path / "docs.jsonl"),), tokenizer=str(folder / "tokenizer.json"),
+                                         val_fraction=0.2), command="test")
+    steps = ["--config.train.steps=3", "--config.train.log_every=1", f"--init_from={folder}"]
+    (tmp_path / "other").mkdir()
+    prepare_small_corpus(tmp_path / "other")  # another tokenizer's data
+    first = {}
+    for variant in ("residual", "mhc"):
+        result = run_train(tmp_path / variant, *steps, variant=variant, data_dir=data, devices=1)
+        assert result.returncode == 0, result.stderr
+        lines = records(tmp_path / variant)
+        assert [r["step"] for r in lines] == [1, 2, 3] and lines[-1]["loss"] < lines[0]["loss"]
+        first[variant] = lines[0]["loss"]
+        config = json.loads((tmp_path / variant / "config.json").read_text())["model"]
+        assert (config["d_model"], config["head_dim"], config["qk_norm"], config["residual"]) == (32, 16, True, variant)
+    assert first["mhc"] == pytest.approx(first["residual"], rel=1e-6)
+    assert_user_error(run_train(tmp_path / "x", *steps, variant="mhc", data_dir=tmp_path / "other" / "data", devices=1),
+                      "--init_from", "tokenizer", "prepare the data with the source's tokenizer")
+    assert not (tmp_path / "x" / "checkpoints").exists()
+    with pytest.raises(UserError, match="--init_from: .*/mhc holds a mhc model; surgery starts from a residual one"):
+        surgery.open_source(str(tmp_path / "mhc"))
+    assert surgery.open_source(str(tmp_path / "residual")).model["qk_norm"]  # a residual workdir is a source too

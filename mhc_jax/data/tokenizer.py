@@ -63,6 +63,12 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         return self.backend.decode(ids) if self.source_file else self.backend.decode(ids, skip_special_tokens=False)
 
+    def saved_sha256(self) -> str:
+        """The sha256 of the file `save` writes (what a dataset's manifest records)."""
+        if self.source_file:
+            return file_sha256(self.source_file)
+        return hashlib.sha256(self.backend.to_str(pretty=False).encode()).hexdigest()
+
     def save(self, folder: Path) -> Path:
         """The tokenizer file (and beside a tokenizer.json, a tokenizer_config.json naming its end of text)."""
         path = Path(folder) / self.filename

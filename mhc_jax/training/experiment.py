@@ -26,7 +26,8 @@ class Experiment:
         self.config, self.mesh = config, mesh
         t = config.train
         self.graphdef, abstract_params, sharded_params = abstract_model(config.model, mesh)
-        self.optimizer = optim.make_optimizer(t, optim.weight_decay_mask(abstract_params))
+        self.optimizer = optim.make_optimizer(t, optim.weight_decay_mask(abstract_params),
+                                              optim.site_mask(abstract_params))
         self.param_shardings = jax.tree.map(lambda a: a.sharding, sharded_params)
         params_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sharded_params)
         opt_shape = jax.eval_shape(self.optimizer.init, params_shape)

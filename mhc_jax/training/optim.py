@@ -38,10 +38,28 @@ def weight_decay_mask(abstract_params: nnx.State):
     return nnx.to_pure_dict(mask)
 
 
-def make_optimizer(train_config, decay_mask) -> optax.GradientTransformation:
+def site_mask(abstract_params: nnx.State):
+    """True for the parameters of the HC/mHC sites (residual.py's modules)."""
+    return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(key, "key", None) in ("attn_site", "mlp_site") for key in path), abstract_params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def site_scale(step, train_config):
+    """What the site parameters' updates are multiplied by at `step`: site_lr_scale, ramped up from
+    0 over site_warmup_steps."""
     c = train_config
-    return optax.chain(
-        optax.clip_by_global_norm(c.grad_clip),
-        optax.adamw(lambda count: learning_rate(count, c), b1=c.b1, b2=c.b2, eps=c.eps,
-                    weight_decay=c.weight_decay, mask=decay_mask),
-    )
+    ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1) / c.site_warmup_steps) if c.site_warmup_steps else 1.0
+    return c.site_lr_scale * ramp
+
+
+def make_optimizer(train_config, decay_mask, sites) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping; the site parameters' updates scaled by `site_scale` where
+    that is not 1 (an optimizer state of the same structure as before otherwise)."""
+    c = train_config
+    parts = [optax.clip_by_global_norm(c.grad_clip),
+             optax.adamw(lambda count: learning_rate(count, c), b1=c.b1, b2=c.b2, eps=c.eps,
+                         weight_decay=c.weight_decay, mask=decay_mask)]
+    if c.site_lr_scale != 1.0 or c.site_warmup_steps:
+        parts.append(optax.masked(optax.scale_by_schedule(lambda count: site_scale(count, c)), sites))
+    return optax.chain(*parts)

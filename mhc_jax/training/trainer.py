@@ -25,27 +25,24 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mhc_jax import plots, sharding, storage, validation
+from mhc_jax import config_rules, plots, sharding, storage, validation
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
 from mhc_jax.model import attention_kernels, moe, residual
+from mhc_jax.pretrained import surgery
 from mhc_jax.training import checkpoint, flops, runlog
 from mhc_jax.training.experiment import Experiment
 
 DEFAULT_DATA_DIR = "data/default"  # prepared with the default recipe when it is missing
-# Model fields a resumed run may change: how the same parameters are computed, not what they are.
-COMPILE_ONLY_FIELDS = ("dtype", "remat", "scan_layers", "site_impl", "attention_kernel", "moe.dispatch", "moe.exchange",
-                       "moe.grouped_matmul",
-                       "moe.capacity_factor")
 
 
 class TrainingDiverged(Exception):
     """The loss or the gradient norm stopped being finite."""
 
 
-def open_data(config, vocab_overridden: bool) -> dict:
-    """The data manifest (process 0 prepares data/default on first use), the same on every process;
-    sets model.vocab_size from it."""
+def open_data(config, vocab_overridden: bool, init_from: "surgery.Source | None" = None) -> dict:
+    """The data manifest (process 0 prepares data/default on first use), the same on every process
+    (and prepared with `init_from`'s tokenizer, if given); sets model.vocab_size from it."""
     data_dir = config.data.dir
     if Path(data_dir) == Path(DEFAULT_DATA_DIR) and not (Path(data_dir) / "manifest.json").exists():
         if jax.process_index() == 0:
@@ -57,6 +54,10 @@ def open_data(config, vocab_overridden: bool) -> dict:
     except UserError as e:
         manifest, problem = None, e
     check_same_data_everywhere(data_dir, manifest, problem)
+    if init_from is not None and init_from.tokenizer_sha256 != manifest["tokenizer"]["sha256"]:
+        raise UserError(f"--init_from: {init_from.path}'s tokenizer (sha256 {init_from.tokenizer_sha256[:12]}) is not "
+                        f"the one data.dir was prepared with ({manifest['tokenizer']['sha256'][:12]}); prepare the data "
+                        "with the source's tokenizer (scripts/prepare_data.py --tokenizer=...)")
     config.model.vocab_size = pipeline.resolve_vocab_size(config.model.vocab_size, manifest, vocab_overridden)
     return manifest
 
@@ -117,7 +118,7 @@ def checker(config, manifest, workdir):
                 "point data.dir at the data they were trained on")
         saved, current = validation.flat(meta["config"]["model"]), validation.flat(config.model)
         differing = sorted(k for k in set(saved) | set(current)
-                           if k not in COMPILE_ONLY_FIELDS and saved.get(k) != current.get(k))
+                           if k not in config_rules.COMPILE_ONLY_FIELDS and saved.get(k) != current.get(k))
         if differing:
             changes = ", ".join(f"model.{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
             raise UserError(f"--workdir: {workdir} holds checkpoints of a different model ({changes}); "
@@ -208,15 +209,16 @@ class Training:
     read_late: bool  # read a step's metrics after dispatching the next (accelerators; see the module docstring)
 
 
-def setup(config, workdir, vocab_overridden: bool = False) -> Training:
+def setup(config, workdir, vocab_overridden: bool = False, init_from: "surgery.Source | None" = None) -> Training:
     """Everything a run needs before its first step: checks, data, the compiled model, and the state
-    restored from WORKDIR/checkpoints or freshly initialized."""
+    restored from WORKDIR/checkpoints, or else freshly initialized (from `init_from`'s weights, if
+    given: surgery.py)."""
     workdir = storage.path(workdir)
     t = config.train
     mesh = sharding.make_mesh(config.mesh)
     check_mesh(config, mesh)
     workdir.mkdir(parents=True, exist_ok=True)  # a workdir that cannot be made stops the run here, first
-    manifest = open_data(config, vocab_overridden)
+    manifest = open_data(config, vocab_overridden, init_from)
     experiment = Experiment(config, mesh)
     if mesh.shape["fsdp"] > 1 and experiment.replicated_fraction > config.mesh.max_replicated:
         raise UserError(f"mesh.fsdp: {experiment.replicated_fraction:.1%} of parameter bytes stay replicated "
@@ -231,6 +233,8 @@ def setup(config, workdir, vocab_overridden: bool = False) -> Training:
     restored = checkpoints.restore_latest(experiment.abstract_state, checker(config, manifest, workdir))
     state = experiment.init_state() if restored is None else restored[1]
     step = 0 if restored is None else restored[0]
+    if restored is None and init_from is not None:
+        state = grafted_state(experiment, state, init_from)
     if jax.process_index() == 0:
         write_run_files(config, manifest, sources, workdir)
     return Training(config=config, workdir=workdir, experiment=experiment, state=state, step=step,
@@ -240,8 +244,16 @@ def setup(config, workdir, vocab_overridden: bool = False) -> Training:
                     train_examples=[pipeline.train_examples(s.manifest, t.seq_len) for s in sources],
                     eval_batches=eval_batches, diag_tokens=experiment.global_batch(eval_batches[0])["tokens"],
                     checkpoints=checkpoints, log=runlog.RunLog(workdir, config, start_step=step),
-                    meta=run_meta(config, manifest), clock=StepClock(config), stop=StopRequest(),
+                    meta={**run_meta(config, manifest), "init_from": init_from and init_from.path},
+                    clock=StepClock(config), stop=StopRequest(),
                     read_late=jax.default_backend() != "cpu")
+
+
+def grafted_state(experiment: Experiment, state: dict, source: "surgery.Source") -> dict:
+    """A fresh state whose parameters are the source's (surgery.graft): step 0, fresh optimizer."""
+    target = jax.device_get(state["params"])
+    params = surgery.graft(source.read_params(experiment.mesh), target, experiment.config.model.residual)
+    return {**state, "params": jax.tree.map(lambda p, s: jax.device_put(p, s), params, experiment.param_shardings)}
 
 
 def training_sources(config, manifest) -> list:
@@ -345,10 +357,10 @@ def teardown(run: Training) -> None:
     run.stop.restore()
 
 
-def train(config, workdir, vocab_overridden: bool = False) -> None:
+def train(config, workdir, vocab_overridden: bool = False, init_from: "surgery.Source | None" = None) -> None:
     """Trains to `train.steps` (or `train.stop_at_step`), resuming from WORKDIR/checkpoints (a local
-    folder or a bucket path, see storage.py)."""
-    run = setup(config, workdir, vocab_overridden)
+    folder or a bucket path, see storage.py); a new run starts from `init_from`'s weights if given."""
+    run = setup(config, workdir, vocab_overridden, init_from)
     try:
         loop(run)
     finally:
