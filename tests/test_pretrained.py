@@ -158,13 +158,15 @@ def test_an_imported_workdir_scores_as_the_reference(architecture, tmp_path):
     assert sorted(p.name for p in workdir.rglob("*")) == listing
 
 
+@pytest.mark.slow
 def test_the_sites_learning_rate_scale_and_warmup_apply_to_the_sites_only():
-    """One AdamW step from the same state: at train.site_lr_scale = 0.25 the site parameters move
-    a quarter as far as at 1, every other parameter as far; a site warmup of 4 steps quarters the
-    first step's site update again."""
+    """One AdamW step from the same state: at train.site_lr_scale = 0.5 and site_warmup_steps = 4
+    the site parameters move an eighth as far as at 1 and 0 (a half for the scale, a quarter for
+    the first step of the ramp; either alone would give a half or a quarter), every other parameter
+    as far. Distances are sums of float32 differences: within 1%."""
     tokens = np.random.default_rng(0).integers(0, 512, (8, 65), dtype=np.int32)
     moved = {}
-    for scale, warmup in ((1.0, 0), (0.25, 0), (0.25, 4)):
+    for scale, warmup in ((1.0, 0), (0.5, 4)):
         config = get_config("mhc,debug")
         config.train.site_lr_scale, config.train.site_warmup_steps = scale, warmup
         experiment = Experiment(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
@@ -177,16 +179,16 @@ def test_the_sites_learning_rate_scale_and_warmup_apply_to_the_sites_only():
     others = [path for path in flat[1.0, 0] if not surgery.is_site(path) and flat[1.0, 0][path] > 0]
     assert sites and others
     for path in sites:
-        assert flat[0.25, 0][path] == pytest.approx(0.25 * flat[1.0, 0][path], rel=1e-2), path
-        assert flat[0.25, 4][path] == pytest.approx(0.0625 * flat[1.0, 0][path], rel=1e-2), path
+        assert flat[0.5, 4][path] == pytest.approx(0.125 * flat[1.0, 0][path], rel=1e-2), path
     for path in others:
-        assert flat[0.25, 0][path] == flat[1.0, 0][path] == flat[0.25, 4][path], path
+        assert flat[0.5, 4][path] == flat[1.0, 0][path], path
 
 
 def pure(model) -> dict:
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", ["debug", "moe_debug"])
 def test_surgery_into_hc_and_mhc_keeps_the_function(scale):
     """A random residual model (dense, and MoE + MLA) grafted into hc, hc_static and mhc: the same
