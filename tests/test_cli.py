@@ -37,18 +37,11 @@ def test_count_params_prints_one_json_object():
     (["--config=configs/pretrain.py:hyper,debug"], "unknown variant 'hyper'"),
     (["--config=configs/pretrain.py:mhc,7b"], "unknown scale '7b'"),
     (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_streams=0"], "model.n_streams"),
-    (["--config=configs/pretrain.py:hc,debug", "--config.model.d_model=66"], "model.d_model"),
-    (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_kv_heads=3"], "model.n_kv_heads"),
     (["--config=configs/pretrain.py:mhc,debug", "--config.model.no_such_field=1"], "--config.model.no_such_field"),
     (["--config=configs/pretrain.py:mhc,debug", "--config.model.n_layers=two"], "--config.model.n_layers"),
     (["--config=configs/missing.py:mhc,debug"], "configs/missing.py"),
     (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.moe.top_k=9"], "model.moe.top_k: got 9"),
-    (["--config=configs/pretrain.py:mhc,27b", "--config.model.moe.first_dense_layers=30"],
-     "model.moe.first_dense_layers"),
-    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.mla.rope_dim=7"], "model.mla.rope_dim: got 7"),
-    (["--config=configs/pretrain.py:mhc,moe_debug", "--config.model.mla.kv_rank=0"], "model.mla.kv_rank"),
-    (["--config=configs/pretrain.py:hc,debug", "--config.model.attention=gqa"], "model.attention: got 'gqa'; must be one of mha, mla"),
-])
+])  # every field's rule and relation, in process: tests/test_configs.py
 def test_bad_input_is_one_line_naming_the_field(args, field):
     result = run_script("scripts/count_params.py", *args)
     assert_user_error(result, field)

@@ -107,13 +107,19 @@ def test_every_field_has_a_rule_and_a_bad_value_of_it_is_refused():
     ({"model.d_model": 68}, "model.head_dim: got 0; head_dim (d_model // n_heads where model.head_dim is 0) must be even for RoPE"),
     ({"model.head_dim": 7}, "model.head_dim: got 7; head_dim (d_model // n_heads where model.head_dim is 0) must be even for RoPE"),
     ({"model.n_heads": 8, "model.n_kv_heads": 3}, "model.n_kv_heads: got 3; must divide model.n_heads = 8"),
+    ({"model.attention": "mla", "model.mla.rope_dim": 7}, "model.mla.rope_dim: got 7; must be even for RoPE"),
+    ({"model.moe.n_experts": 4, "model.moe.top_k": 2, "model.moe.d_expert": 16, "model.moe.first_dense_layers": 2},
+     "model.moe.first_dense_layers: got 2; must be < model.n_layers = 2 in an MoE model"),
     ({"data.mixture": "data/a:2,data/b:-1"},
      "data.mixture: got 'data/a:2,data/b:-1'; 'data/b:-1' is not FOLDER:WEIGHT with a positive weight"),
 ])
 def test_relations_between_fields_are_checked(overrides, message):
     config = get_config("mhc,debug")
     for field, value in overrides.items():
-        section, name = field.split(".")
-        config[section][name] = value
+        *sections, name = field.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[name] = value
     with pytest.raises(UserError, match=re.escape(message)):
         validate(config)

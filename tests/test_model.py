@@ -46,14 +46,14 @@ def reference_outputs(variant, tokens_key):
 
 SWITCHES = {"scanned-none": (True, "none"), "scanned-full": (True, "full"), "scanned-dots": (True, "dots"),
             "unrolled-full": (False, "full")}
-CASES = [(v, "scanned-none") for v in ("residual", "hc_static")] + [(v, s) for v in ("hc", "mhc") for s in SWITCHES]
+CASES = [(v, "scanned-none") for v in ("residual", "hc_static", "hc")] + [("mhc", s) for s in SWITCHES]
 
 
 @pytest.mark.parametrize("variant, switches", CASES, ids=[f"{v}-{s}" for v, s in CASES])
 def test_fast_sites_and_compile_switches_keep_logits_and_gradients(variant, switches):
     """The fast residual sites give the reference's logits and gradients (relative 1e-5 in float32):
-    every variant scanned without remat, and the two with input-dependent maps also under every
-    remat policy and unrolled (remat and scanning wrap the layer whatever its residual connection).
+    every variant scanned without remat, and mHC also under every remat policy and unrolled (remat
+    and scanning wrap the layer whatever its residual connection).
     Unrolled layers are checked under the policy that rematerializes most (the others differ from
     it only in what they save)."""
     scan_layers, remat = SWITCHES[switches]
