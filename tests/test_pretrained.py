@@ -47,11 +47,9 @@ def run_script(*args):
 def imported(folder: Path):
     """Our model of a Hugging Face folder, and its config."""
     config = get_config("residual,debug")
-    fields = hf.model_fields(hf.read_config(folder))
-    config.model.rope_scaling.update(fields.pop("rope_scaling"))
-    config.model.update(fields)
+    fields = importer.hf_config_into(config, folder)
     graphdef, state = abstract_variables_of(config.model)
-    params = hf.params_from_hf(hf.read_weights(folder), fields | {"rope_scaling": None})
+    params = hf.params_from_hf(hf.read_weights(folder), fields)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state), config
 

@@ -62,6 +62,10 @@ class Rope:
         return cls(cfg.rope_theta, scaling.kind, scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor,
                    scaling.original_max_position)
 
+    def scaling_fields(self) -> dict:
+        """model.rope_scaling's fields for these frequencies."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "theta"}
+
     def frequencies(self, half: int) -> jax.Array:
         inv_freq = self.theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
         if self.kind == "linear":

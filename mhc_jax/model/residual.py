@@ -243,6 +243,17 @@ class ManifoldHyperConnection(nnx.Module):
 SITES = {"residual": Residual, "hc": HyperConnection, "mhc": ManifoldHyperConnection}
 
 
+def function_preserving(residual: str, name: str, value):
+    """A freshly initialized site parameter (`name`: its own key) set so that, on the identical
+    streams residual.expand makes, the site computes the pre-norm residual update: each stream
+    stays the residual model's stream (surgery, pretrained/surgery.py).
+    - HC's own init already does: H_pre = e_{site mod n}, H_res = I, H_post = 1, zero dynamic weights.
+    - mHC: its gates alpha go to 0, leaving the static coefficients sigmoid(b_pre) = 1/n,
+      2 sigmoid(b_post) = 1 and H_res = Sinkhorn(b_res), whose rows sum to 1; phi stays random, so
+      that the streams can part once training moves alpha."""
+    return jnp.zeros_like(value) if residual == "mhc" and name == "alpha" else value
+
+
 def stream_count_problem(cfg) -> str | None:
     """Why cfg.residual's sites cannot run on cfg.n_streams streams, or None (config_rules.RELATIONS
     ask, with the rest of the config)."""

@@ -37,6 +37,8 @@ from mhc_jax.model.layers import Embedding, RMSNorm, SwiGLU, normal, param
 from mhc_jax.model.loss import mean_cross_entropy
 from mhc_jax.model.moe import MoE, RouterStats
 
+SITE_ATTRIBUTES = ("attn_site", "mlp_site")  # where a Block keeps its two residual sites
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAVE_COEFFICIENTS = jax.checkpoint_policies.save_only_these_names(residual.COEFFICIENTS)
 REMAT_POLICIES = {
@@ -296,7 +298,7 @@ def param_counts(cfg) -> dict:
         size = variable.size
         counts["total"] += size
         counts["embedding" if path[0] in ("embed", "unembed") else "non_embedding"] += size
-        counts["residual_overhead"] += size if path[1:2] in (("attn_site",), ("mlp_site",)) else 0
+        counts["residual_overhead"] += size if len(path) > 1 and path[1] in SITE_ATTRIBUTES else 0
         if path[0] == "moe_blocks" and path[1] == "mlp" and path[2] in ROUTED_EXPERT_WEIGHTS:  # not "shared"
             counts["active"] += round(size * routed_share)
         elif not (path[0] == "embed" and not cfg.tie_embeddings):

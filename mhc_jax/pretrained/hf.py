@@ -25,11 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from mhc_jax.errors import UserError
+from mhc_jax.model.layers import Rope
 from mhc_jax.pretrained import safetensors_file
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3"}
 INDEX = "model.safetensors.index.json"
+FIELDS = ("residual", "n_streams", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+          "attention", "tie_embeddings", "rope_theta", "rope_scaling", "norm_eps", "qkv_bias", "qk_norm")  # model_fields's
 
 
 def read_config(folder: Path) -> dict:
@@ -45,20 +48,19 @@ def read_config(folder: Path) -> dict:
 
 
 def rope_settings(config: dict) -> tuple[float, dict]:
-    """(rope_theta, our rope_scaling fields) from config.json as transformers 5.x writes it
-    (rope_parameters) or 4.x (rope_theta, rope_scaling with 'type' or 'rope_type')."""
+    """(rope_theta, our rope_scaling fields, all of them) from config.json as transformers 5.x
+    writes it (rope_parameters) or 4.x (rope_theta, rope_scaling with 'type' or 'rope_type')."""
     parameters = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     theta = float(parameters.pop("rope_theta", config.get("rope_theta", 10000.0)))
     kind = parameters.get("rope_type", parameters.get("type", "default"))
     if kind == "default":
-        return theta, {"kind": "none"}
+        return theta, Rope(theta).scaling_fields()
     if kind == "linear":
-        return theta, {"kind": "linear", "factor": float(parameters["factor"])}
+        return theta, Rope(theta, "linear", float(parameters["factor"])).scaling_fields()
     if kind == "llama3":
-        return theta, {"kind": "llama3", "factor": float(parameters["factor"]),
-                       "low_freq_factor": float(parameters["low_freq_factor"]),
-                       "high_freq_factor": float(parameters["high_freq_factor"]),
-                       "original_max_position": int(parameters["original_max_position_embeddings"])}
+        return theta, Rope(theta, "llama3", float(parameters["factor"]), float(parameters["low_freq_factor"]),
+                           float(parameters["high_freq_factor"]),
+                           int(parameters["original_max_position_embeddings"])).scaling_fields()
     raise UserError(f"config.json: RoPE scaling {kind!r} is not supported; the kinds supported are default, "
                     "linear and llama3")
 

@@ -125,18 +125,7 @@ def export_hf(workdir: Path, out: Path) -> list[str]:
 
 def hf_fields(model: ml_collections.ConfigDict) -> dict:
     """hf.model_fields's form of our model config (what export compares and writes)."""
-    scaling = {"kind": model.rope_scaling.kind}
-    if scaling["kind"] == "linear":
-        scaling["factor"] = model.rope_scaling.factor
-    elif scaling["kind"] == "llama3":
-        scaling.update(factor=model.rope_scaling.factor, low_freq_factor=model.rope_scaling.low_freq_factor,
-                       high_freq_factor=model.rope_scaling.high_freq_factor,
-                       original_max_position=model.rope_scaling.original_max_position)
-    return {"residual": "residual", "n_streams": 1, "vocab_size": model.vocab_size, "d_model": model.d_model,
-            "n_layers": model.n_layers, "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads,
-            "head_dim": model.head_dim, "d_ff": model.d_ff, "attention": "mha", "tie_embeddings": model.tie_embeddings,
-            "rope_theta": model.rope_theta, "rope_scaling": scaling, "norm_eps": model.norm_eps,
-            "qkv_bias": model.qkv_bias, "qk_norm": model.qk_norm}
+    return {name: model.to_dict()[name] for name in hf.FIELDS}
 
 
 def made_config(fields: dict) -> dict:

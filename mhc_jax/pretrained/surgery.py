@@ -1,14 +1,9 @@
 """Surgery: a residual model's weights in an HC or mHC model that computes the same function.
 
-The embedding copies each token into n streams (residual.expand), so a site whose coefficients
-read the branch input as the mean of identical streams (sum of H_pre = 1), write the branch output
-into every stream (H_post = 1) and mix streams by a matrix whose rows sum to 1 keeps the n streams
-identical, each equal to the residual model's stream. Both variants start that way:
-- HC: H_pre = e_{site mod n}, H_res = I, H_post = 1 and zero dynamic weights (its own init);
-- mHC: the gates alpha set to 0, so the coefficients are their static parts: sigmoid(b_pre) =
-  1/n, 2 sigmoid(b_post) = 1, H_res = Sinkhorn(b_res), doubly stochastic (its own init otherwise;
-  phi stays random, so that the streams can part once training moves alpha).
-The last difference is the final sum over the streams: n copies of the stream. The final RMSNorm
+Every parameter but the sites' is copied; each site's starts as residual.function_preserving
+sets it, which keeps the n streams that the embedding copies each token into identical, each the
+residual model's stream. The last difference is the final sum over the streams: n copies of the
+stream. The final RMSNorm
 sees n x h instead of h, which changes its output only through its epsilon: by about
 eps / (2 mean(h^2)) relative.
 """
@@ -29,12 +24,11 @@ from mhc_jax.model import residual, transformer
 from mhc_jax.pretrained import hf
 from mhc_jax.training import checkpoint
 
-SITE_NAMES = ("attn_site", "mlp_site")
 
-
-def graft(source: dict, target: dict, residual: str) -> dict:
+def graft(source: dict, target: dict, residual_kind: str) -> dict:
     """`target` (a freshly initialized HC or mHC model's parameters, a pure dict) with every
-    parameter the residual `source` has copied from it, and mHC's gates set to 0."""
+    parameter the residual `source` has copied from it, and its sites set to start as the identity
+    of the residual update (residual.function_preserving)."""
     missing = sorted(set(paths(target)) - set(paths(source)) - {p for p in paths(target) if is_site(p)})
     extra = sorted(set(paths(source)) - set(paths(target)))
     if missing or extra:
@@ -44,7 +38,7 @@ def graft(source: dict, target: dict, residual: str) -> dict:
     def pick(path, value):
         name = jax.tree_util.keystr(path)
         if is_site(name):
-            return np.zeros_like(value) if residual == "mhc" and name.endswith("['alpha']") else value
+            return np.asarray(residual.function_preserving(residual_kind, path[-1].key, value))
         copied = np.asarray(lookup(source, path), dtype=np.asarray(value).dtype)
         if copied.shape != np.shape(value):
             raise UserError(f"--init_from: {name} is {list(copied.shape)} in the source and {list(np.shape(value))} "
@@ -59,7 +53,7 @@ def paths(tree: dict) -> list[str]:
 
 
 def is_site(path: str) -> bool:
-    return any(f"['{name}']" in path for name in SITE_NAMES)
+    return any(f"['{name}']" in path for name in transformer.SITE_ATTRIBUTES)
 
 
 def lookup(tree: dict, path):

@@ -19,14 +19,15 @@ from jax.experimental import multihost_utils
 
 from mhc_jax import storage
 from mhc_jax.errors import UserError
+from mhc_jax.model.layers import Rope
 
 # What reading a damaged or vanishing checkpoint raises: orbax and tensorstore raise many kinds, plain
 # Exception among them. A UserError (another experiment's checkpoint) is never one of these.
 UNREADABLE = Exception
 # Model config fields added after checkpoints were first written, each with the value that means
 # what the model computed before it existed (configs/pretrain.py explains them).
-MODEL_FIELDS_ADDED_LATER = {"head_dim": 0, "qkv_bias": False, "qk_norm": False, "rope_scaling": dict(
-    kind="none", factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)}
+MODEL_FIELDS_ADDED_LATER = {"head_dim": 0, "qkv_bias": False, "qk_norm": False,
+                            "rope_scaling": Rope(10_000.0).scaling_fields()}  # unscaled
 
 
 class Checkpoints:

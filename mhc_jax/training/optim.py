@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mhc_jax.model.transformer import SITE_ATTRIBUTES
+
 SCHEDULES = ("step", "cosine", "wsd")
 
 
@@ -41,7 +43,7 @@ def weight_decay_mask(abstract_params: nnx.State):
 def site_mask(abstract_params: nnx.State):
     """True for the parameters of the HC/mHC sites (residual.py's modules)."""
     return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(
-        lambda path, _: any(getattr(key, "key", None) in ("attn_site", "mlp_site") for key in path), abstract_params,
+        lambda path, _: any(getattr(key, "key", None) in SITE_ATTRIBUTES for key in path), abstract_params,
         is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
