@@ -93,3 +93,4 @@ def straight_run(default_data, tmp_path_factory):
         result = run_train(folder / "run", *STRAIGHT, "--config.train.eval_every=12", data_dir=default_data)
         assert result.returncode == 0, result.stderr
     return built_once(tmp_path_factory, "straight", train) / "run"
+

@@ -39,7 +39,7 @@ def first_steps(case: str) -> dict:
     batch = experiment.global_batch({"tokens": tokens})["tokens"]
     state, steps = experiment.init_state(), {"loss": [], "grad_norm": []}
     for _ in range(STEPS):
-        state, metrics = experiment.train_step(state, batch)
+        state, metrics = experiment.train_step(state, batch, experiment.hyper)
         for key in steps:
             steps[key].append(float(metrics[key]))
     return steps

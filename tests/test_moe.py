@@ -166,7 +166,7 @@ def test_the_bias_update_moves_load_from_overloaded_experts():
     tokens = np.random.default_rng(0).integers(0, 512, (8, 65), dtype=np.int32)
     loads = []
     for _ in range(10):
-        state, metrics = experiment.train_step(state, tokens)
+        state, metrics = experiment.train_step(state, tokens, experiment.hyper)
         loads.append(float(metrics["expert_load_max"]))
     assert loads[0] > 2.5 and max(loads[-3:]) < 1.5, loads  # sign steps then hover near balance
     assert all(later < earlier for earlier, later in zip(loads[:4], loads[1:4])), loads
@@ -397,7 +397,7 @@ def dispatch_all_to_alls(mesh_sizes) -> int:
     config.model.moe.dispatch = "capacity"
     experiment = Experiment(config, mesh_of(mesh_sizes))
     tokens = jax.ShapeDtypeStruct((8, 65), jnp.int32, sharding=experiment.batch_sharding)
-    hlo = experiment.train_step.lower(experiment.abstract_state, tokens).compile().as_text()
+    hlo = experiment.train_step.lower(experiment.abstract_state, tokens, experiment.hyper).compile().as_text()
     return sum(" all-to-all(" in line and "take_along_axis" in line for line in hlo.splitlines())
 
 

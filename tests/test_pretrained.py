@@ -170,7 +170,7 @@ def test_the_sites_learning_rate_scale_and_warmup_apply_to_the_sites_only():
         experiment = Experiment(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
         state = experiment.init_state()
         before = jax.device_get(state["params"])
-        after = jax.device_get(experiment.train_step(state, tokens)[0]["params"])
+        after = jax.device_get(experiment.train_step(state, tokens, experiment.hyper)[0]["params"])
         moved[scale, warmup] = jax.tree.map(lambda a, b: np.abs(a - b).sum(), after, before)
     flat = {key: dict(zip(surgery.paths(tree), jax.tree.leaves(tree))) for key, tree in moved.items()}
     sites = [path for path in flat[1.0, 0] if surgery.is_site(path) and flat[1.0, 0][path] > 0]

@@ -106,7 +106,7 @@ def step_programs(experiment: Experiment) -> dict:
     t, state = experiment.config.train, experiment.abstract_state
     tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=experiment.batch_sharding)
     weight = jax.ShapeDtypeStruct((t.batch_size,), jnp.float32, sharding=experiment.batch_sharding)
-    return {"train": (experiment.train_step, (state, tokens)),
+    return {"train": (experiment.train_step, (state, tokens, experiment.hyper)),
             "eval": (experiment.eval_step, (state["params"], tokens, weight)),
             "diagnostics": (experiment.trace_step, (state["params"], tokens))}
 

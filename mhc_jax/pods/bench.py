@@ -55,7 +55,7 @@ class Contender:
 
     def step(self) -> float:
         start = time.perf_counter()
-        self.state, metrics = self.compiled(self.state, self.tokens)
+        self.state, metrics = self.compiled(self.state, self.tokens, self.experiment.hyper)
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
 
@@ -86,7 +86,7 @@ class Contender:
 def compile_step(experiment, tokens) -> tuple:
     """The lowered and compiled train step, and the seconds that took."""
     start = time.perf_counter()
-    compiled = experiment.train_step.lower(experiment.abstract_state, tokens).compile()
+    compiled = experiment.train_step.lower(experiment.abstract_state, tokens, experiment.hyper).compile()
     return compiled, time.perf_counter() - start
 
 

@@ -86,12 +86,12 @@ def time_steps(config, timed_steps: int = 3) -> StepTiming:
                                                (config.train.batch_size, config.train.seq_len + 1), dtype=np.int32)
     batch = experiment.global_batch({"tokens": tokens})["tokens"]
     started = time.perf_counter()
-    state, metrics = experiment.train_step(state, batch)
+    state, metrics = experiment.train_step(state, batch, experiment.hyper)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(timed_steps):
-        state, metrics = experiment.train_step(state, batch)
+        state, metrics = experiment.train_step(state, batch, experiment.hyper)
     jax.block_until_ready(metrics)
     return StepTiming(first, (time.perf_counter() - started) / timed_steps)
 

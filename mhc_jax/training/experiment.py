@@ -4,7 +4,8 @@
 {step, params, opt} of arrays laid out by the mesh (`params` holds every model variable: the
 parameters, and in an MoE model the router bias, which the step sets from the expert load); the
 model's structure lives in a graphdef outside it, so the jitted step is a pure function of
-(state, batch).
+(state, batch, hyperparameters): `experiment.hyper` holds the learning rate, schedule length and
+the other numbers of optim.Hyperparameters, inputs rather than constants of the compiled step.
 """
 
 import jax
@@ -26,8 +27,9 @@ class Experiment:
         self.config, self.mesh = config, mesh
         t = config.train
         self.graphdef, abstract_params, sharded_params = abstract_model(config.model, mesh)
-        self.optimizer = optim.make_optimizer(t, optim.weight_decay_mask(abstract_params),
-                                              optim.site_mask(abstract_params))
+        self.optimizer_masks = optim.weight_decay_mask(abstract_params), optim.site_mask(abstract_params)
+        self.optimizer = optim.make_optimizer(t, *self.optimizer_masks)
+        self.hyper = optim.Hyperparameters.of(t)  # host numbers; the step takes them replicated
         self.param_shardings = jax.tree.map(lambda a: a.sharding, sharded_params)
         params_shape = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), sharded_params)
         opt_shape = jax.eval_shape(self.optimizer.init, params_shape)
@@ -41,7 +43,8 @@ class Experiment:
         self.batch_sharding = sharding.batch_sharding(mesh)
         replicated = sharding.replicated(mesh)
         self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        self.train_step = jax.jit(self.on_mesh(self._train_step), in_shardings=(self.state_shardings, self.batch_sharding),
+        self.train_step = jax.jit(self.on_mesh(self._train_step),
+                                  in_shardings=(self.state_shardings, self.batch_sharding, replicated),
                                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self.eval_step = jax.jit(self.on_mesh(self._eval_step), out_shardings=replicated)
         self.trace_step = jax.jit(self.on_mesh(self._trace_step), out_shardings=replicated)
@@ -72,7 +75,7 @@ class Experiment:
         params = nnx.to_pure_dict(nnx.state(model))  # the parameters, and an MoE model's router bias
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt": self.optimizer.init(params)}
 
-    def _train_step(self, state, tokens_BW):
+    def _train_step(self, state, tokens_BW, hyper: optim.Hyperparameters):
         """One AdamW update on a global batch, accumulated over `train.microbatches` parts; in an MoE
         model, then the router bias's balancing update from the load over the whole batch (the
         bias's gradient is zero, it only selects experts, and the step overwrites it)."""
@@ -95,10 +98,11 @@ class Experiment:
         zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (jnp.zeros(()), state["params"], stats_shape))
         (loss, grads, router_stats), _ = jax.lax.scan(accumulate, zeros, tokens_MBW)
         loss, grads = jax.tree.map(lambda x: x / parts, (loss, grads))
-        updates, opt = self.optimizer.update(grads, state["opt"], state["params"])
+        optimizer = optim.make_optimizer(self.config.train, *self.optimizer_masks, hyper)
+        updates, opt = optimizer.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "lr": optim.learning_rate(state["step"], self.config.train)}
+                   "lr": optim.learning_rate(state["step"], hyper)}
         if router_stats is not None:
             bias_LE = moe.balance_router_bias(router_bias(state["params"]), router_stats.load,
                                               self.config.model.moe.bias_update_rate)

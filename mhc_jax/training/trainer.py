@@ -291,7 +291,7 @@ def loop(run: Training) -> None:
     run.clock.restart()
     while run.step < run.stop_at:
         batch = run.experiment.global_batch(next(run.iterator))
-        run.state, metrics = run.experiment.train_step(run.state, batch["tokens"])
+        run.state, metrics = run.experiment.train_step(run.state, batch["tokens"], run.experiment.hyper)
         run.step += 1
         if unread:
             read_step(run, *unread)
