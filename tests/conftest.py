@@ -34,8 +34,8 @@ def variant(request):
 
 @pytest.fixture(params=("residual", "mhc"))
 def stream_variant(request):
-    """For slow tests whose subject is not the residual connection (expert parallelism, latent
-    attention's decoding): one stream, and n streams mixed by dynamic coefficients."""
+    """For slow tests whose subject is not the residual connection (latent attention's decoding):
+    one stream, and n streams mixed by dynamic coefficients."""
     return request.param
 
 

@@ -102,18 +102,6 @@ def test_a_run_stopped_on_one_mesh_resumes_on_another_and_restores_onto_any(stra
         assert restored_eval_loss(run, default_data, sizes, devices) == pytest.approx(logged, abs=1e-6)
 
 
-# Every variant at debug: hc in the straight run (test_a_run_writes_its_contract), residual and mhc
-# in test_sweep.py's sweep; mhc at moe_debug in test_trainer_moe.py's run (the residual connection
-# treats the MoE block like any other).
-@pytest.mark.slow
-def test_loss_decreases_on_the_default_corpus(default_data, tmp_path):
-    result = run_train(tmp_path / "run", "--config.train.steps=40", "--config.train.log_every=1",
-                       variant="hc_static", devices=1, data_dir=default_data)
-    assert result.returncode == 0, result.stderr
-    values = [l for _, l in losses(tmp_path / "run")]
-    assert np.mean(values[-5:]) < np.mean(values[:5]) - 1.0, values
-
-
 @pytest.mark.slow
 def test_nan_guard_stops_without_a_bad_checkpoint(default_data, tmp_path):
     result = run_train(tmp_path / "run", "--config.train.lr=1e30", "--config.train.log_every=1",

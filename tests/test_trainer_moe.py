@@ -77,10 +77,10 @@ def test_moe_evaluation_scores_as_the_training_forward_pass(moe_run):
 def test_a_moe_run_evaluates(moe_run, fetched_eval_data):
     data_dir, _ = fetched_eval_data
     env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
-    result = subprocess.run([sys.executable, "eval.py", f"--workdir={moe_run}", "--tasks=perplexity,mmlu,gsm8k",
+    result = subprocess.run([sys.executable, "eval.py", f"--workdir={moe_run}", "--tasks=perplexity,mmlu,drop",
                              "--limit=2", f"--data_dir={data_dir}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     tasks = json.loads((moe_run / "eval" / "16" / "results.json").read_text())["tasks"]
     assert tasks["perplexity"]["metrics"]["loss"] == pytest.approx(records(moe_run)[-1]["eval_loss"], rel=0.1)
-    assert tasks["gsm8k"]["n"] == tasks["mmlu"]["n"] == 2
+    assert tasks["drop"]["n"] == tasks["mmlu"]["n"] == 2
