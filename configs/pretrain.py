@@ -45,8 +45,8 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.scale = scale  # the scale's name, for tables (scripts/compare.py); its shape is in model.*
     m = config.model = ml_collections.ConfigDict()
-    m.residual = residual_kind  # 'residual' (x + F(x)), 'hc' (Hyper-Connections) or 'mhc' (manifold-constrained HC)
-    m.n_streams = n_streams  # n: parallel residual streams; 1 for 'residual', the papers use 4
+    m.residual = residual_kind  # 'residual' (x + F(x)), 'hc' (Hyper-Connections), 'mhc' (manifold-constrained HC), 'mhc_v4', 'mhc_lite', 'kromhc', 'laurel_rw', 'laurel_lr', 'laurel_pa' (mhc_jax/model/residual.py)
+    m.n_streams = n_streams  # n: parallel residual streams; 1 for 'residual' and LAuReL's RW and LR, the papers use 4; laurel_pa: the k outputs it mixes
     m.vocab_size = shape["vocab_size"]  # the data's tokenizer overrides it once the data pipeline lands
     m.d_model = shape["d_model"]  # C: width of each stream
     m.n_layers = shape["n_layers"]  # blocks; each has two residual sites (attention, then MLP)
@@ -99,16 +99,21 @@ def get_config(spec: str = "mhc,debug") -> ml_collections.ConfigDict:
     hc.use_tanh = True  # squash the dynamic terms with tanh (the paper's default; False = 'w/o tanh')
     hc.scale_init = 0.01  # initial value of the learnable scales s_alpha and s_beta of the dynamic terms
     hc.out_proj_scale = 1.0  # multiplies the init std of attention-out and MLP-down kernels (paper: sqrt(n))
+    hc.static_res_weight_decay = False  # AdamW's weight decay also on the static H_res (A_r), as one public HC run had it
 
-    mhc = m.mhc = ml_collections.ConfigDict()  # manifold-constrained HC (Xie et al. 2025), residual='mhc'
+    mhc = m.mhc = ml_collections.ConfigDict()  # manifold-constrained HC (Xie et al. 2025): residual='mhc', 'mhc_v4', 'mhc_lite', 'kromhc'
     mhc.alpha_init = 0.01  # initial value of the three gates alpha_pre, alpha_post, alpha_res per site
-    mhc.res_init_scale = 4.0  # b_res = s * I: H_res starts near I (diag 0.95 for n=4) yet keeps gradients
+    mhc.res_init_scale = 4.0  # the identity's lead in the static res logits: mhc b_res = s * I (H_res diag 0.95 for n=4); mhc_lite: s on the identity permutation; kromhc: s on each factor's identity
     mhc.phi_init_scale = 1.0  # init std of the coefficient projection phi is this times (n * C) ** -0.5
     mhc.sinkhorn_iters = 20  # Sinkhorn-Knopp iterations (T_c then T_r) projecting H_res on the Birkhoff polytope
     mhc.coeff_dtype = "float32"  # dtype of the coefficient path (norm, projection, sigmoid, Sinkhorn)
+    mhc.v4_eps = 1e-6  # mhc_v4: DeepSeek-V4's hc_eps, added to H_pre, the head's weights and every Sinkhorn division
     mhc.use_pre = True  # False fixes H_pre = 1/n (the paper's Table 1 ablation)
     mhc.use_post = True  # False fixes H_post = 1
     mhc.use_res = True  # False fixes H_res = I
+
+    laurel = m.laurel = ml_collections.ConfigDict()  # LAuReL (Menghani et al. 2025): residual='laurel_rw', 'laurel_lr', 'laurel_pa'
+    laurel.rank = 16  # laurel_lr: rank r of the skip's low-rank term B A (the paper: 32-64 for LLMs, 4 at 1B)
 
     steps, batch_size, seq_len, lr, warmup_steps = TRAINING[scale]
     t = config.train = ml_collections.ConfigDict()

@@ -42,9 +42,11 @@ FIELD_RULES = {
     "model.moe.grouped_matmul": Choice(("auto", *moe.GROUPED_MATMULS)),
     "model.moe.bias_update_rate": NON_NEGATIVE, "model.moe.balance_loss_weight": NON_NEGATIVE,
     "model.hc.dynamic": FLAG, "model.hc.use_tanh": FLAG, "model.hc.scale_init": ANY, "model.hc.out_proj_scale": POSITIVE,
+    "model.hc.static_res_weight_decay": FLAG,
     "model.mhc.alpha_init": ANY, "model.mhc.res_init_scale": ANY, "model.mhc.phi_init_scale": NON_NEGATIVE,
     "model.mhc.sinkhorn_iters": SIZE, "model.mhc.coeff_dtype": Choice(residual.COEFF_DTYPES),
-    "model.mhc.use_pre": FLAG, "model.mhc.use_post": FLAG, "model.mhc.use_res": FLAG,
+    "model.mhc.use_pre": FLAG, "model.mhc.use_post": FLAG, "model.mhc.use_res": FLAG, "model.mhc.v4_eps": NON_NEGATIVE,
+    "model.laurel.rank": SIZE,
     "train.steps": SIZE, "train.batch_size": SIZE, "train.seq_len": SIZE, "train.microbatches": SIZE, "train.loss_chunk": COUNT,
     "train.lr": POSITIVE, "train.schedule": Choice(optim.SCHEDULES), "train.warmup_steps": COUNT,
     "train.min_lr_ratio": FRACTION, "train.decay_fraction": Number(float, 0, 1, above=True),
@@ -63,6 +65,8 @@ FIELD_RULES = {
 RELATIONS = (
     Relation("model.n_streams", lambda c: residual.stream_count_problem(c.model) is None,
              lambda c: residual.stream_count_problem(c.model)),
+    Relation("model.laurel.rank", lambda c: c.model.residual != "laurel_lr" or c.model.laurel.rank <= c.model.d_model,
+             "must be at most the width model.d_model = {c.model.d_model} (a low-rank term)"),
     Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.head_dim
              or c.model.d_model % c.model.n_heads == 0,
              "must be divisible by model.n_heads = {c.model.n_heads} (or set model.head_dim)"),

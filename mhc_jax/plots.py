@@ -45,7 +45,7 @@ def plot_run(workdir):
 
 # The stability study (mhc_jax/study/stability.py): one color per variant; lr x1 solid with the seeds' range
 # shaded, the stress learning rate dashed.
-PALETTE = ("tab:gray", "tab:red", "tab:orange", "tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+PALETTE = ("tab:gray", "tab:red", "tab:orange", "tab:blue", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:green")
 COLORS = dict(zip(residual.VARIANTS, PALETTE))  # a new variant takes the next color
 
 
@@ -72,22 +72,24 @@ def _finite_series(records: list[dict], key: str) -> tuple[list, list]:
     return [steps[i] for i in keep], [values[i] for i in keep]
 
 
-def _draw(axes, variant: str, factor: float, curves: list[tuple[list, list]], marker: str | None = None):
-    """lr x1: the seeds' mean and range; a stress learning rate: one dashed line per seed."""
-    if factor == 1.0:
-        _band(axes, curves, COLORS[variant], f"{variant} (lr x1, {len(curves)} seeds)", marker)
+def _draw(axes, label: str, factor: float, curves: list[tuple[list, list]], marker: str | None = None):
+    """A variant at lr x1: the seeds' mean and range; at another learning rate, or with another
+    setting (a label beyond the variant's name): one dashed line per seed, in the variant's color."""
+    color = COLORS[label.split()[0]]
+    if factor == 1.0 and label in COLORS:
+        _band(axes, curves, color, f"{label} (lr x1, {len(curves)} seed{'s' * (len(curves) > 1)})", marker)
         return
     for steps, values in curves:
-        axes.plot(steps, values, "--", color=COLORS[variant], linewidth=1, label=f"{variant} (lr x{factor:g})")
+        axes.plot(steps, values, "--", color=color, linewidth=1, label=f"{label} (lr x{factor:g})")
 
 
 def _study_curves(axes, runs: dict, key: str, transform=None, marker=None):
-    """runs: {(variant, lr_factor): [records of each seed]}."""
-    for (variant, factor), seeds in runs.items():
+    """runs: {(label, lr_factor): [records of each seed]}, a label a variant's name or more (Run.label)."""
+    for (label, factor), seeds in runs.items():
         curves = [_finite_series(records, key) for records in seeds]
         curves = [(s, transform(v) if transform else v) for s, v in curves if s]
         if curves:
-            _draw(axes, variant, factor, curves, marker)
+            _draw(axes, label, factor, curves, marker)
 
 
 def plot_study_losses(runs: dict, path: Path, window: int) -> Path:
@@ -131,12 +133,12 @@ def plot_study_sites(runs: dict, path: Path) -> Path:
     """Per-site composite Amax gain at the last measurement (the map from each site to the output)."""
     figure, (forward, backward) = plt.subplots(1, 2, figsize=(11, 4))
     for axes, key in ((forward, "amax_forward_per_site"), (backward, "amax_backward_per_site")):
-        for (variant, factor), seeds in runs.items():
+        for (label, factor), seeds in runs.items():
             finals = [next((r[key] for r in reversed(records) if key in r and np.isfinite(r[key]).all()), None)
                       for records in seeds]
             curves = [(list(range(len(f))), f) for f in finals if f]
             if curves:
-                _draw(axes, variant, factor, curves)
+                _draw(axes, label, factor, curves)
     sites = "site (layer l: 2l attention, 2l+1 MLP)"
     _gain_axes(forward, "forward gain of the map from each site to the output", sites)
     _gain_axes(backward, "backward gain of the same maps", sites)

@@ -48,24 +48,37 @@ def test_paper_scales_have_the_parameter_counts_of_table_5(scale):
 @pytest.mark.parametrize("scale", ["debug", "10m", "1b"])
 def test_residual_overheads_follow_the_papers_formulas(scale):
     """HC paper App. B: a static site has n(n + 2) parameters, a dynamic one adds its norm (C),
-    d(n + 2) weights and 2 scales; an mHC site has phi [nC, n^2 + 2n], the bias and 3 gates."""
+    d(n + 2) weights and 2 scales; an mHC site has phi [nC, 2n + R], the bias and 3 gates, with R res
+    logits: n^2 (mhc, mhc_v4), n! (mhc_lite), 2 log2 n (kromhc); V4's head once, phi [nC, n], n
+    biases and a gate. LAuReL per site: RW 2 weights, LR 2rC, PA k = 3 gammas."""
     shape = SCALES[scale]
-    n, C, sites = 4, shape["d_model"], 2 * shape["n_layers"]
-    expected = {
-        "hc_static": n * (n + 2),
-        "hc": C + C * (n + 2) + n * (n + 2) + 2,
-        "mhc": n * C * (n * n + 2 * n) + (n * n + 2 * n) + 3,
+    n, C, sites, r = 4, shape["d_model"], 2 * shape["n_layers"], get_config("laurel_lr,debug").model.laurel.rank
+
+    def mhc_family(res_logits):
+        return n * C * (2 * n + res_logits) + (2 * n + res_logits) + 3
+
+    expected = {  # variant: (per site, once)
+        "hc_static": (n * (n + 2), 0),
+        "hc": (C + C * (n + 2) + n * (n + 2) + 2, 0),
+        "mhc": (mhc_family(n * n), 0),
+        "mhc_v4": (mhc_family(n * n), n * C * n + n + 1),
+        "mhc_lite": (mhc_family(24), 0),
+        "kromhc": (mhc_family(4), 0),
+        "laurel_rw": (2, 0),
+        "laurel_lr": (2 * r * C, 0),
+        "laurel_pa": (3, 0),
     }
+    assert set(expected) == set(VARIANTS) - {"residual"}
     base = param_counts(get_config(f"residual,{scale}").model)
-    for variant, per_site in expected.items():
+    for variant, (per_site, once) in expected.items():
         counts = param_counts(get_config(f"{variant},{scale}").model)
-        assert counts["residual_overhead"] == sites * per_site, variant
+        assert counts["residual_overhead"] == sites * per_site + once, variant
         assert counts["total"] - base["total"] == counts["residual_overhead"], variant
 
 
 def test_every_config_field_is_documented_next_to_its_default():
     source = (Path(__file__).parents[1] / "configs" / "pretrain.py").read_text()
-    assignments = [line for line in source.splitlines() if re.match(r"\s+(m|mla|moe|hc|mhc|t|mesh|log|config)(\.\w+)+ = ", line)]
+    assignments = [line for line in source.splitlines() if re.match(r"\s+(m|mla|moe|hc|mhc|laurel|t|mesh|log|config)(\.\w+)+ = ", line)]
     assert len(assignments) >= 55
     undocumented = [line.strip() for line in assignments if "#" not in line]
     assert not undocumented, undocumented

@@ -29,6 +29,7 @@ from mhc_jax import sharding
 from mhc_jax.data import prepare
 from mhc_jax.errors import UserError
 from mhc_jax.evals.harness import LanguageModel
+from mhc_jax.model import residual
 from mhc_jax.model.transformer import abstract_variables_of
 from mhc_jax.pretrained import hf, importer, safetensors_file, surgery
 from mhc_jax.training import checkpoint, trainer
@@ -189,22 +190,25 @@ def pure(model) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", ["debug", "moe_debug"])
 def test_surgery_into_hc_and_mhc_keeps_the_function(scale):
-    """A random residual model grafted into hc, hc_static and mhc (dense), and into mhc (MoE + MLA):
+    """A random residual model grafted into every other variant (dense), and into mhc (MoE + MLA):
     the same logits at step 0, within 1e-6 of the largest (the final norm's epsilon: surgery.py)."""
     source = make_model("residual", scale=scale)
     randomize(source, scale=0.2)
     tokens = random_tokens(source.embed.table.shape[0], batch=2, length=24)
     expected = np.asarray(source(tokens), np.float64)
-    for variant in ("hc", "hc_static", "mhc") if scale == "debug" else ("mhc",):
+    for variant in [v for v in residual.VARIANTS if v != "residual"] if scale == "debug" else ("mhc",):
         target = make_model(variant, scale=scale, seed=1)
         state = nnx.state(target)
-        nnx.replace_by_pure_dict(state, surgery.graft(pure(source), pure(target),
-                                                      get_config(f"{variant},{scale}").model.residual))
+        kind = get_config(f"{variant},{scale}").model.residual
+        nnx.replace_by_pure_dict(state, surgery.graft(pure(source), pure(target), kind))
         nnx.update(target, state)
         logits = np.asarray(target(tokens), np.float64)
-        assert np.abs(logits - expected).max() <= 1e-6 * np.abs(expected).max(), variant
+        # Beyond 1e-6: V4's eps of 1e-6 in H_pre and every Sinkhorn division; float32 rounding of mhc_lite's
+        # 24-term sums of permutations.
+        tolerance = {"mhc_v4": 5e-6, "mhc_lite": 2e-6}.get(variant, 1e-6)
+        assert np.abs(logits - expected).max() <= tolerance * np.abs(expected).max(), variant
         alpha = [v for p, v in zip(surgery.paths(pure(target)), jax.tree.leaves(pure(target))) if p.endswith("['alpha']")]
-        assert all((a == 0).all() for a in alpha) and (variant == "mhc") == bool(alpha)
+        assert all((a == 0).all() for a in alpha) and (kind in residual.GATED) == bool(alpha)
 
 
 def test_surgery_refuses_a_source_of_another_shape():

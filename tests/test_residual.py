@@ -9,6 +9,7 @@ from helpers import debug_model_config, make_model, random_tokens, randomize, re
 from test_sinkhorn import reference_sinkhorn
 
 from mhc_jax.model import residual
+from mhc_jax.model.transformer import SITE_ATTRIBUTES
 
 B, T = 2, 5
 PERMUTATION = np.array([2, 0, 3, 1])  # new stream i is old stream PERMUTATION[i]
@@ -162,10 +163,10 @@ def test_variants_share_their_attention_and_mlp_weights():
     """For one seed every variant starts from the same non-residual weights: a controlled comparison."""
     def shared(model):
         return {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-                if not any(str(p).endswith("_site") for p in path)}
+                if not any(p in SITE_ATTRIBUTES for p in path)}
 
     baseline = shared(make_model("residual"))
-    for variant in ("hc", "hc_static", "mhc"):
+    for variant in residual.VARIANTS:
         other = shared(make_model(variant))
         assert other.keys() == baseline.keys()
         for path in baseline:

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax.model import residual
+from mhc_jax.model import doubly_stochastic
 
 FORMS = pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
 
 
 def sinkhorn(logits, iters, fast=True):
-    return residual.sinkhorn(logits, iters, fast)
+    return doubly_stochastic.sinkhorn(logits, iters, fast)
 
 
 def reference_sinkhorn(logits, iters):

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from helpers import assert_user_error, prepare_small_corpus, xla_flags
 
+from configs.stability import get_config
 from mhc_jax.study import stability
-from mhc_jax.study.report import fmt
+from mhc_jax.study.report import fmt, hc_gap
 
 ROOT = Path(__file__).parents[1]
 STEPS = 6
+SITES = 4  # debug: 2 layers
 PLOTS = ("loss.png", "amax.png", "amax_per_site.png", "h_res.png")
 
 
@@ -30,7 +32,8 @@ def small_data(tmp_path_factory):
     return prepare_small_corpus(tmp_path_factory.mktemp("study_data"))
 
 
-TINY = (f"--config.train.steps={STEPS}", "--config.train.eval_batches=2", "--seeds=0", "--stress_seeds=0")
+TINY = (f"--config.train.steps={STEPS}", "--config.train.eval_batches=2", "--extra_variants=mhc_v4", "--seeds=0",
+        "--stress_seeds=0")
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +60,14 @@ def test_the_study_writes_its_plots_and_a_report_with_every_field(finished_study
         image = (finished_study / plot).read_bytes()
         assert image.startswith(b"\x89PNG") and len(image) < 250_000, plot
         assert f"({plot})" in report
-    for section in ("Command: `python scripts/stability.py --out=", "Budget: 60 minutes; used", "Versions: Python",
+    for section in ("Command: `python scripts/stability.py --out=", "Budget: 90 minutes; used", "Versions: Python",
                     "jax 0.", "## Reading", "mHC forward gain stays at 1", "HC amplifies", "Stress (lr x3)",
-                    "| variant | seeds | mean final validation loss"):
+                    "HC's gain per site", "the lower learning rate closes", "| variant | seeds | mean final validation loss"):
         assert section in report, section
     rows = run_table(report)
-    assert [row["run"] for row in rows] == [run.name for run in stability.study_runs([0], [0], 3.0)]
+    runs = stability.study_runs([0], [0], 3.0, [0], ["mhc_v4"])
+    assert [row["run"] for row in rows] == [run.name for run in runs]
+    assert {row["variant"] for row in rows} == {"residual", "hc", "mhc", "mhc_v4", "hc (decayed H_res)"}
     for row in rows:
         assert row["final validation loss"] != "-" and row["max composite Amax forward"] != "-", row
 
@@ -75,6 +80,7 @@ def test_the_reports_amax_numbers_are_those_in_metrics_jsonl(finished_study):
         assert diagnosed[-1]["step"] == STEPS and len(diagnosed) == STEPS  # measured at every step of 6
         over_2 = [r["step"] for r in diagnosed if r["amax_forward"] > 2]
         assert row["max composite Amax forward"] == fmt(max(r["amax_forward"] for r in diagnosed))
+        assert row["per site"] == fmt(max(r["amax_forward"] for r in diagnosed) ** (1 / SITES), 4)
         assert row["max composite Amax backward"] == fmt(max(r["amax_backward"] for r in diagnosed))
         assert row["final forward"] == fmt(diagnosed[-1]["amax_forward"])
         assert row["final backward"] == fmt(diagnosed[-1]["amax_backward"])
@@ -111,7 +117,7 @@ def test_the_same_command_reuses_the_runs_and_other_settings_are_refused(finishe
 def test_bad_inputs_and_a_budget_too_small(small_data, tmp_path):
     assert_user_error(run_study(tmp_path / "a", "--seeds=0,x", data_dir=small_data), "--seeds", "0,x")
     assert_user_error(run_study(tmp_path / "a", "--stress_lr_factor=1", data_dir=small_data), "--stress_lr_factor")
-    assert_user_error(run_study(tmp_path / "a", "--budget_minutes=0.1", data_dir=small_data),
+    assert_user_error(run_study(tmp_path / "a", "--budget_minutes=0.1", "--extra_seeds=", data_dir=small_data),
                       "--budget_minutes", "steps per run")
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
@@ -120,9 +126,10 @@ def test_bad_inputs_and_a_budget_too_small(small_data, tmp_path):
 
 
 def test_the_budget_buys_equal_steps_for_every_run():
-    runs = stability.study_runs([0, 1], [0], 3.0)
+    runs = stability.study_runs([0, 1], [0], 3.0, [0])
     timings = {"residual": stability.StepTiming(5.0, 1.0), "hc": stability.StepTiming(8.0, 2.0),
-               "mhc": stability.StepTiming(8.0, 2.0)}
+               "mhc": stability.StepTiming(8.0, 2.0),
+               **{v: stability.StepTiming(9.0, 2.5) for v in stability.LATER_VARIANTS}}
     steps = stability.affordable_steps(3600.0, runs, timings, eval_batches=8)
     forwards = (stability.EVALUATIONS * 8 + stability.DIAGNOSTICS) / 3
     spent = sum(timings[r.variant].first_step + stability.RUN_STARTUP_SECONDS
@@ -139,3 +146,18 @@ def test_a_run_summary_reads_divergence_and_the_first_amplified_step():
     assert summary["diverged_at"] == 7 and summary["first_step_forward_over_2"] == 4
     assert (summary["max_amax_forward"], summary["max_amax_backward"]) == (9.0, 3.0)
     assert (summary["final_amax_forward"], summary["final_eval_loss"]) == (9.0, 3.5)
+
+
+def test_hcs_gap_to_the_public_run_reads_the_per_site_gains_of_its_controls():
+    runs = stability.study_runs([0], [], 3.0, [0])
+    summaries = {r.name: {"max_amax_forward": None} for r in runs}
+    summaries.update({"hc-lr1x-seed0": {"max_amax_forward": 1.17 ** 48}, "hc-lr0.1x-seed0": {"max_amax_forward": 1.1 ** 48},
+                      "hc-lr1x-seed0-decayed-res": {"max_amax_forward": 1.17 ** 48}})
+    line, = hc_gap(runs, summaries, 48)
+    public = 7 ** (1 / 48)  # the public 10M run: about 7x over 48 sites
+    closed = (np.log(1.17) - np.log(1.1)) / (np.log(1.17) - np.log(public))
+    assert "1.17 at lr x1 (per seed), 1.1 at lr x0.1 and 1.17 with AdamW's weight decay" in line
+    assert f"the lower learning rate closes {closed:.0%} and the weight decay 0%" in line
+    assert "1.143 in the paper's 27B (3,000 over 60 sites)" in line and f"{public:.3f} in the public 10M run" in line
+    decayed = stability.run_config(get_config("debug"), runs[-1], 10)
+    assert runs[-1].decay_res and decayed.model.hc.static_res_weight_decay and decayed.model.residual == "hc"

@@ -37,7 +37,8 @@ from mhc_jax.model.layers import Embedding, RMSNorm, SwiGLU, normal, param
 from mhc_jax.model.loss import mean_cross_entropy
 from mhc_jax.model.moe import MoE, RouterStats
 
-SITE_ATTRIBUTES = ("attn_site", "mlp_site")  # where a Block keeps its two residual sites
+# The attributes that hold residual.py's modules: a Block's two sites, the Transformer's streams.
+SITE_ATTRIBUTES = ("attn_site", "mlp_site", "streams")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SAVE_COEFFICIENTS = jax.checkpoint_policies.save_only_these_names(residual.COEFFICIENTS)
@@ -147,6 +148,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.unembed = None if cfg.tie_embeddings else param(
             normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5), ("embed", "vocab"))
+        # Last, like the sites: a variant's own stream ends draw no numbers the others draw.
+        self.streams = residual.make_streams(cfg, rngs)
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         """Logits [B, T, V] in float32."""
@@ -179,7 +182,7 @@ class Transformer(nnx.Module):
         """The one forward pass behind __call__, losses_and_router_stats, trace and decode: the stream
         after the last block, the trace (if asked), the router statistics, the extended cache entries
         (if decoding)."""
-        x_BTNC = residual.expand(self.embed(tokens_BT, self.dtype), self.n_streams)
+        x_BTNC = self.streams.expand(self.embed(tokens_BT, self.dtype))
         traces, router_stats, stacks = [], None, []
         for index, blocks in enumerate(b for b in (self.blocks, self.moe_blocks) if b is not None):
             layer_cache = None if cache is None else (cache.stacks[index], cache.start_B, cache.index)
@@ -199,7 +202,7 @@ class Transformer(nnx.Module):
         return DecodeCache(stacks, start_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
 
     def final_hidden(self, x_BTNC: jax.Array) -> jax.Array:
-        return self.final_norm(residual.reduce(x_BTNC))
+        return self.final_norm(self.streams.collapse(x_BTNC))
 
     def unembedding(self) -> jax.Array:
         """The head's weights [C, V]: the transposed embedding table when tied."""
@@ -298,7 +301,7 @@ def param_counts(cfg) -> dict:
         size = variable.size
         counts["total"] += size
         counts["embedding" if path[0] in ("embed", "unembed") else "non_embedding"] += size
-        counts["residual_overhead"] += size if len(path) > 1 and path[1] in SITE_ATTRIBUTES else 0
+        counts["residual_overhead"] += size if any(key in SITE_ATTRIBUTES for key in path[:2]) else 0
         if path[0] == "moe_blocks" and path[1] == "mlp" and path[2] in ROUTED_EXPERT_WEIGHTS:  # not "shared"
             counts["active"] += round(size * routed_share)
         elif not (path[0] == "embed" and not cfg.tie_embeddings):

@@ -64,7 +64,7 @@ def lookup(tree: dict, path):
 
 # The model fields that say which residual connection runs: the run's own config sets them; every
 # other model field (the shape, the attention, the experts) comes from the source.
-VARIANT_FIELDS = ("residual", "n_streams", "hc.", "mhc.")
+VARIANT_FIELDS = ("residual", "n_streams", "hc.", "mhc.", "laurel.")
 
 
 @dataclasses.dataclass

@@ -1,5 +1,7 @@
 """The stability study of scripts/stability.py: train `residual`, `hc` and `mhc` on the same data with the
-same seeds and schedule (and a stress setting at a multiple of the learning rate), within a time budget.
+same seeds and schedule (and a stress setting at a multiple of the learning rate), the variants that
+followed the paper, and two controls of HC's gain (a 10x lower learning rate; weight decay on its
+static H_res), within a time budget.
 
 OUT/ holds plan.json (the settings and the step count, fixed once), runs/<run>/ (each a train.py
 workdir: metrics.jsonl, checkpoints), timings.json, summary.json, the plots and report.md. Running the
@@ -23,7 +25,9 @@ from mhc_jax.model import diagnostics, residual
 from mhc_jax.training import checkpoint, trainer
 from mhc_jax.training.experiment import Experiment
 
-VARIANTS = tuple(residual.SITES)  # each kind of residual site once, HC in its dynamic form
+VARIANTS = ("residual", "hc", "mhc")  # the mHC paper's comparison, HC in its dynamic form, at every seed
+LATER_VARIANTS = ("mhc_v4", "mhc_lite", "kromhc", "laurel_lr")  # the variants that followed (default), at the extra seeds
+HC_CONTROLS = ((0.1, False), (1.0, True))  # HC at the extra seeds: (lr factor, weight decay on the static H_res)
 EVALUATIONS = 5  # validation losses per run (train.eval_every follows from the steps)
 DIAGNOSTICS = 40  # Amax measurements per run (train.diag_every follows)
 CHECKPOINTS = 4  # saves per run; the newest is kept for the heat maps, and a diverged run keeps one
@@ -37,16 +41,26 @@ class Run:
     variant: str
     seed: int
     lr_factor: float
+    decay_res: bool = False  # AdamW's weight decay also on HC's static H_res (model.hc.static_res_weight_decay)
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-lr{self.lr_factor:g}x-seed{self.seed}"
+        return f"{self.variant}-lr{self.lr_factor:g}x-seed{self.seed}" + ("-decayed-res" if self.decay_res else "")
+
+    @property
+    def label(self) -> str:
+        """What the tables and plots group the run's seeds under."""
+        return self.variant + (" (decayed H_res)" if self.decay_res else "")
 
 
-def study_runs(seeds: list[int], stress_seeds: list[int], stress_lr_factor: float) -> list[Run]:
-    """Every variant at each seed (learning rate x1), then every variant at each stress seed."""
+def study_runs(seeds: list[int], stress_seeds: list[int], stress_lr_factor: float, extra_seeds: list[int],
+               extra_variants=LATER_VARIANTS) -> list[Run]:
+    """Every variant at each seed (learning rate x1), then every variant at each stress seed, then at
+    each extra seed the `extra_variants` and HC's two controls."""
     return ([Run(v, s, 1.0) for s in seeds for v in VARIANTS]
-            + [Run(v, s, stress_lr_factor) for s in stress_seeds for v in VARIANTS])
+            + [Run(v, s, stress_lr_factor) for s in stress_seeds for v in VARIANTS]
+            + [Run(v, s, 1.0) for s in extra_seeds for v in extra_variants]
+            + [Run("hc", s, factor, decay) for s in extra_seeds for factor, decay in HC_CONTROLS])
 
 
 def run_config(base, run: Run, steps: int):
@@ -56,6 +70,7 @@ def run_config(base, run: Run, steps: int):
     m, t = config.model, config.train
     residual.set_variant(m, run.variant)
     m.n_streams = 1 if m.n_streams == 1 else base.model.n_streams  # the study config's n for HC and mHC
+    m.hc.static_res_weight_decay = run.decay_res
     t.seed, t.lr, t.steps = run.seed, base.train.lr * run.lr_factor, steps
     t.warmup_steps = base.train.warmup_steps or max(1, steps // 10)
     t.eval_every = max(1, steps // EVALUATIONS)
@@ -128,7 +143,7 @@ def make_plan(out: Path, base, runs: list[Run], budget_minutes: float, settings:
     if base.train.steps > 0:
         steps = base.train.steps
     else:
-        for variant in VARIANTS:
+        for variant in dict.fromkeys(r.variant for r in runs):
             timings[variant] = time_steps(run_config(base, Run(variant, 0, 1.0), steps=100))
             print(f"calibration: {variant} {timings[variant].step:.2f} s/step "
                   f"({timings[variant].first_step:.1f} s with compiling)", flush=True)
@@ -220,7 +235,7 @@ def representative_h_res(out: Path, base, runs: list[Run], steps: int) -> dict:
     maps = {}
     site = None
     for variant in ("hc", "mhc"):
-        run = next(r for r in runs if r.variant == variant and r.lr_factor == 1.0)
+        run = next(r for r in runs if r.variant == variant and r.lr_factor == 1.0 and not r.decay_res)
         config = run_config(base, run, steps)
         workdir = out / "runs" / run.name
         saved = checkpoint.Checkpoints(workdir, create=False)

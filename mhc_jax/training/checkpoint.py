@@ -27,7 +27,15 @@ UNREADABLE = Exception
 # Model config fields added after checkpoints were first written, each with the value that means
 # what the model computed before it existed (configs/pretrain.py explains them).
 MODEL_FIELDS_ADDED_LATER = {"head_dim": 0, "qkv_bias": False, "qk_norm": False,
-                            "rope_scaling": Rope(10_000.0).scaling_fields()}  # unscaled
+                            "rope_scaling": Rope(10_000.0).scaling_fields(),  # unscaled
+                            "hc": {"static_res_weight_decay": False}, "mhc": {"v4_eps": 1e-6}, "laurel": {"rank": 16}}
+
+
+def with_defaults(defaults: dict, given: dict) -> dict:
+    """`given`, with the fields of `defaults` that it lacks (in nested groups too)."""
+    merged = {**defaults, **given}
+    return {key: with_defaults(defaults[key], value) if isinstance(value, dict) and isinstance(defaults.get(key), dict)
+            else value for key, value in merged.items()}
 
 
 class Checkpoints:
@@ -138,7 +146,7 @@ class Checkpoints:
         """The step's metadata; model fields its config predates get the values it was trained with."""
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if "config" in meta:
-            meta["config"]["model"] = {**MODEL_FIELDS_ADDED_LATER, **meta["config"]["model"]}
+            meta["config"]["model"] = with_defaults(MODEL_FIELDS_ADDED_LATER, meta["config"]["model"])
         return meta
 
     def restore_params(self, step: int, abstract_params):
