@@ -26,9 +26,13 @@ from helpers import ROOT, STRAIGHT, run_fetch, run_train, xla_flags
 from mhc_jax.data import pipeline
 from mhc_jax.model.residual import VARIANTS
 
+PAPER_VARIANTS = ("residual", "hc", "hc_static", "mhc")
 
-@pytest.fixture(params=tuple(VARIANTS))
+
+@pytest.fixture(params=[v if v in PAPER_VARIANTS else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS])
 def variant(request):
+    """Every variant; the ones that followed the paper in the full tier only (their sites are checked
+    in process by test_residual_variants.py)."""
     return request.param
 
 

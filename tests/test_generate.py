@@ -39,6 +39,9 @@ def recompute_greedy(model, tokenizer, prompt, max_new_tokens, width=128):
     return tokenizer.decode(new)
 
 
+# The paper's variants, and the two whose streams begin and end their own way (V4's learned collapse,
+# LAuReL-PA's history); the others' sites are per-token maps like mhc's.
+@pytest.mark.parametrize("variant", ["residual", "hc", "hc_static", "mhc", "mhc_v4", "laurel_pa"])
 def test_cached_decoding_repeats_full_recomputation(variant, tokenizer):
     model = make_model(variant, {"vocab_size": 400})
     outputs = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=12, rows=4)
@@ -46,6 +49,7 @@ def test_cached_decoding_repeats_full_recomputation(variant, tokenizer):
     assert all(outputs)
 
 
+@pytest.mark.slow
 def test_latent_attention_decoding_repeats_full_recomputation(stream_variant, tokenizer):
     model = make_model(stream_variant, {"vocab_size": 400}, scale="moe_debug")
     decode = generator(model, tokenizer)
@@ -66,6 +70,7 @@ def test_decoding_through_the_blockwise_kernel_repeats_full_recomputation(scale,
     assert outputs == [recompute_greedy(model, tokenizer, prompt, 12) for prompt in PROMPTS]
 
 
+@pytest.mark.slow
 def test_batches_of_any_size_give_the_same_text(tokenizer):
     model = make_model("mhc", {"vocab_size": 400})
     together = generator(model, tokenizer).generate(PROMPTS, until=[], max_new_tokens=10, rows=4)

@@ -49,7 +49,11 @@ SWITCHES = {"scanned-none": (True, "none"), "scanned-full": (True, "full"), "sca
 CASES = [(v, "scanned-none") for v in ("residual", "hc_static", "hc")] + [("mhc", s) for s in SWITCHES]
 
 
-@pytest.mark.parametrize("variant, switches", CASES, ids=[f"{v}-{s}" for v, s in CASES])
+FULL_TIER = ("mhc-scanned-dots", "mhc-unrolled-full")  # compile-heavy; the other policies cover the fast tier
+
+
+@pytest.mark.parametrize("variant, switches", [
+    pytest.param(v, s, id=f"{v}-{s}", marks=[pytest.mark.slow] if f"{v}-{s}" in FULL_TIER else []) for v, s in CASES])
 def test_fast_sites_and_compile_switches_keep_logits_and_gradients(variant, switches):
     """The fast residual sites give the reference's logits and gradients (relative 1e-5 in float32):
     every variant scanned without remat, and mHC also under every remat policy and unrolled (remat
@@ -93,7 +97,7 @@ def test_bfloat16_compute_keeps_float32_coefficients():
     assert bool(jnp.isfinite(logits).all())
 
 
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tied", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_the_chunked_loss_is_the_full_loss(tied):
     """model.loss.mean_cross_entropy in chunks of 12 of the 32 positions (the last chunk padded)
     gives the whole-sequence loss of each sequence and its gradients, with a tied or untied head."""

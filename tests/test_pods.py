@@ -96,6 +96,7 @@ def test_the_dry_run_compiles_every_step_and_fits_only_if_every_one_fits():
     assert "\nDOES NOT FIT: the eval step needs" in text
 
 
+@pytest.mark.slow
 def test_the_logits_source_shrinks_with_the_loss_chunk():
     """The train step at debug (8 x 64 tokens) with 32768 tokens of vocabulary: whole-sequence logits
     hold float32 [8, 64, 32768] at the peak; in chunks of 16 positions, less, but at least one
@@ -147,7 +148,6 @@ def test_dry_run_bad_inputs():
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=v5p-7"),
                       "--topology: unknown topology 'v5p-7'", "v5p-8 ... v5p-2048")
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--suggest"), "--suggest")
-    assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--mfu=2"), "--mfu")
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:2", "--eval"), "--eval", "TPU")
     assert_user_error(dry_run("--config=configs/pretrain.py:mhc,debug", "--topology=cpu:3"),
                       "train.batch_size: 8", "= 3 devices")

@@ -40,6 +40,7 @@ def test_the_default_mesh_splits_the_model_only_as_far_as_it_must_fit():
     assert serving.choose_mesh(variables, cfg, 8, sizes(data=2, fsdp=-1), whole, jnp.float32) == sizes(data=2, fsdp=4)
 
 
+@pytest.mark.slow
 def test_weights_cast_once_score_as_the_per_call_cast():
     """A bfloat16 model: its matmul weights restored in bfloat16 (norms, router and HC/mHC
     coefficients in float32) give the logits of float32 parameters cast at every call, bit for bit."""

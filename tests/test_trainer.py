@@ -83,7 +83,7 @@ def restored_eval_loss(workdir, data_dir, mesh_sizes, devices):
 def test_a_run_stopped_on_one_mesh_resumes_on_another_and_restores_onto_any(straight_run, default_data, tmp_path):
     """Stopped at step 11 on data=4 x fsdp=2 and resumed on fsdp=8: the straight run's losses (to
     float rounding: the meshes sum in other orders), the same wandb run continued (offline mode),
-    and the last checkpoint restores onto other meshes with the logged validation loss. A resume on
+    and the last checkpoint restores onto one device with the logged validation loss. A resume on
     the same mesh repeats every loss bit for bit (test_buckets.py, test_failures.py)."""
     wandb = "--config.log.wandb=True"
     run = tmp_path / "run"
@@ -98,8 +98,7 @@ def test_a_run_stopped_on_one_mesh_resumes_on_another_and_restores_onto_any(stra
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(run_id) for p in offline_runs)
     logged = records(run)[-1]["eval_loss"]
-    for sizes, devices in (((4, 2, 1, 1), jax.devices()), ((1, 1, 1, 1), jax.devices()[:1])):
-        assert restored_eval_loss(run, default_data, sizes, devices) == pytest.approx(logged, abs=1e-6)
+    assert restored_eval_loss(run, default_data, (1, 1, 1, 1), jax.devices()[:1]) == pytest.approx(logged, abs=1e-6)
 
 
 @pytest.mark.slow
