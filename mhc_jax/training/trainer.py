@@ -25,7 +25,7 @@ import optax
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mhc_jax import config_rules, plots, sharding, storage, validation
+from mhc_jax import config_rules, sharding, storage, validation
 from mhc_jax.data import pipeline, prepare
 from mhc_jax.errors import UserError
 from mhc_jax.model import attention_kernels, moe, residual
@@ -366,4 +366,5 @@ def train(config, workdir, vocab_overridden: bool = False, init_from: "surgery.S
     finally:
         teardown(run)
     if jax.process_index() == 0 and run.step == config.train.steps:
+        from mhc_jax import plots  # matplotlib is a fifth of the import time of train.py; only a finished run plots
         plots.plot_run(run.workdir)
