@@ -9,11 +9,14 @@ import pytest
 
 from configs.pretrain import get_config
 from configs.scales import SCALES
+from configs.stability import get_config as get_stability_config
 from mhc_jax import validation
 from mhc_jax.config_rules import FIELD_RULES, validate
 from mhc_jax.errors import UserError
 from mhc_jax.model.residual import VARIANTS
 from mhc_jax.model.transformer import param_counts
+from mhc_jax.pods import bench
+from mhc_jax.study import stability
 
 
 @pytest.mark.parametrize("scale, target", [("10m", 10e6), ("100m", 100e6), ("1b", 1e9)])
@@ -136,3 +139,14 @@ def test_relations_between_fields_are_checked(overrides, message):
         node[name] = value
     with pytest.raises(UserError, match=re.escape(message)):
         validate(config)
+
+
+def test_the_bench_and_the_study_give_each_variant_its_streams_or_the_ones_asked_for():
+    config = get_config("mhc,debug")
+    own = {name: c.model.n_streams for name, c in bench.variant_configs(config, list(VARIANTS)).items()}
+    assert own == {name: n for name, (_, n) in VARIANTS.items()}
+    config.model.n_streams = 2  # an override reaches every variant of several streams
+    asked = {name: c.model.n_streams for name, c in bench.variant_configs(config, list(VARIANTS)).items()}
+    assert asked == {name: 1 if n == 1 else 2 for name, (_, n) in VARIANTS.items()}
+    study = get_stability_config("debug")
+    assert stability.run_config(study, stability.Run("laurel_pa", 0, 1.0), 10).model.n_streams == 3

@@ -437,6 +437,13 @@ def set_variant(model_config, variant: str) -> None:
     model_config.hc.dynamic = variant != "hc_static"
 
 
+def overridden_stream_count(model_config) -> int | None:
+    """model_config.n_streams where it differs from its variant's own (an override), else None: what
+    the bench and the study give every variant of several streams."""
+    n = model_config.n_streams
+    return n if n != VARIANTS[variant_name(model_config)][1] else None
+
+
 def variant_name(cfg) -> str:
     """The name of this residual connection in VARIANTS."""
     return "hc_static" if cfg.residual == "hc" and not cfg.hc.dynamic else cfg.residual

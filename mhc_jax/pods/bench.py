@@ -2,8 +2,8 @@
 
 The real train step (Experiment: forward, backward, AdamW, on all local devices with the
 config's mesh) on a batch from the data pipeline. The contenders are the config's variants
-(`--variants` swaps only the residual connection: residual.set_variant; hc and mhc keep an
-overridden model.n_streams) or the values of one field (`--vary=FIELD=A,B`). Their steps are
+(`--variants` swaps only the residual connection: residual.set_variant; the variants of several
+streams keep an overridden model.n_streams) or the values of one field (`--vary=FIELD=A,B`). Their steps are
 timed interleaved, one step of each in turn, so that machine noise hits them alike; per contender:
   step_seconds (median of --steps) with step_seconds_min and _max; step_time_vs_baseline, the
   median over rounds of the ratio within a round to the baseline (residual among variants, else
@@ -91,13 +91,14 @@ def compile_step(experiment, tokens) -> tuple:
 
 
 def variant_configs(config, variants: list[str]) -> dict:
-    """`config` with each variant's residual connection (hc and mhc keep an overridden n_streams)."""
-    n_streams = config.model.n_streams if config.model.residual != "residual" else None
+    """`config` with each variant's residual connection (those of several streams keep an overridden
+    n_streams)."""
+    n_streams = residual.overridden_stream_count(config.model)
     configs = {}
     for variant in variants:
         candidate = config.copy_and_resolve_references()
         residual.set_variant(candidate.model, variant)
-        if n_streams and variant != "residual":
+        if n_streams and candidate.model.n_streams > 1:
             candidate.model.n_streams = n_streams
         config_rules.validate(candidate)
         configs[variant] = candidate

@@ -69,7 +69,8 @@ def run_config(base, run: Run, steps: int):
     config = copy.deepcopy(base)
     m, t = config.model, config.train
     residual.set_variant(m, run.variant)
-    m.n_streams = 1 if m.n_streams == 1 else base.model.n_streams  # the study config's n for HC and mHC
+    n_streams = residual.overridden_stream_count(base.model)  # the study config's n, if it sets one
+    m.n_streams = n_streams if n_streams and m.n_streams > 1 else m.n_streams
     m.hc.static_res_weight_decay = run.decay_res
     t.seed, t.lr, t.steps = run.seed, base.train.lr * run.lr_factor, steps
     t.warmup_steps = base.train.warmup_steps or max(1, steps // 10)
