@@ -39,8 +39,9 @@ MAIN_JOB := --config=configs/pretrain.py:mhc,10m --workdir=runs/mhc-10m \
 train: setup
 	$(BIN)/python train.py $(MAIN_JOB)
 
-# The stability study: residual vs hc vs mhc at 10m, 3 seeds and a 3x-learning-rate stress run, in
-# about 60 minutes on 2 CPU cores; its report, plots and numbers are then copied to docs/results/.
+# The stability study: residual vs hc vs mhc at 10m, 3 seeds and a 3x-learning-rate stress run, plus the later
+# variants and two HC controls at one seed, in about 90 minutes on 2 CPU cores; its report, plots and numbers
+# are then copied to docs/results/.
 stability: setup
 	$(BIN)/python scripts/stability.py --out=runs/stability
 	mkdir -p docs/results/stability

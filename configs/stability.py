@@ -1,8 +1,8 @@
 """Stability-study config: `get_config("<scale>")`, used by scripts/stability.py.
 
 It is `configs/pretrain.py:mhc,<scale>` with the study's training settings below. The study runs
-`residual` (n_streams = 1), `hc` and `mhc` (n_streams as set here) from it, with the same data order,
-seeds, optimizer and schedule. Override any field as `--config.a.b=value`.
+`residual`, `hc` and `mhc`, the later variants and HC's two controls from it (each variant with its own
+n_streams unless model.n_streams is overridden), with the same data order, seeds, optimizer and schedule. Override any field as `--config.a.b=value`.
 """
 
 from configs.pretrain import get_config as pretrain_config

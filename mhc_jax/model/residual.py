@@ -186,7 +186,6 @@ class ManifoldHyperConnection(nnx.Module):
         self.eps = cfg.norm_eps
         self.coeff_dtype = jnp.dtype(mhc.coeff_dtype)
         self.sinkhorn_iters = mhc.sinkhorn_iters
-        self.v4_eps = mhc.v4_eps
         self.use_pre, self.use_post, self.use_res = mhc.use_pre, mhc.use_post, mhc.use_res
         self.fast = cfg.site_impl == "fast"
 
@@ -254,6 +253,10 @@ class DeepSeekV4HyperConnection(ManifoldHyperConnection):
     serve checkpoints) is the mhc variant's."""
 
     streams = HyperHead
+
+    def __init__(self, cfg, site, rngs: nnx.Rngs):
+        super().__init__(cfg, site, rngs)
+        self.v4_eps = cfg.mhc.v4_eps
 
     def res_map(self, logits_BTR: jax.Array) -> jax.Array:
         B, T, _ = logits_BTR.shape
