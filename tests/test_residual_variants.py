@@ -26,14 +26,16 @@ def relative(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-def test_mhc_v4_is_deepseek_v4s_reference_in_outputs_and_gradients():
+@pytest.mark.parametrize("site_impl", residual.IMPLEMENTATIONS)
+def test_mhc_v4_is_deepseek_v4s_reference_in_outputs_and_gradients(site_impl):
     """scripts/make_v4_reference.py ran transformers' DeepseekV4HyperConnection, the decoder layer's
     update and DeepseekV4HyperHead; our site and head with its weights (fn = phi^T, base = bias,
-    scale = alpha) give its outputs and gradients within 1e-5 relative."""
+    scale = alpha) give its outputs and gradients within 1e-5 relative, in both site forms (the
+    fast one's Sinkhorn runs on slabs and recomputes its rounds in the backward pass)."""
     ref = dict(np.load(V4_REFERENCE))
     n, C = ref["x"].shape[2:]
     cfg = debug_model_config("mhc_v4", {"d_model": int(C), "n_streams": int(n), "mhc.sinkhorn_iters": int(ref["iters"]),
-                                        "mhc.v4_eps": float(ref["eps"]), "site_impl": "reference"})
+                                        "mhc.v4_eps": float(ref["eps"]), "site_impl": site_impl})
     site = residual.make_site(cfg, 0, nnx.Rngs(0))
     head = residual.make_streams(cfg, nnx.Rngs(0))
     weights = {"fn": ref["fn"].T, "base": ref["base"], "scale": ref["scale"],

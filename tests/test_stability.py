@@ -64,6 +64,9 @@ def test_the_study_writes_its_plots_and_a_report_with_every_field(finished_study
                     "jax 0.", "## Reading", "mHC forward gain stays at 1", "HC amplifies", "Stress (lr x3)",
                     "HC's gain per site", "the lower learning rate closes", "| variant | seeds | mean final validation loss"):
         assert section in report, section
+    assert "residual with 1 stream; hc, mhc and mhc_v4 with 4 streams" in report
+    amplifies = next(line for line in report.splitlines() if line.startswith("- HC amplifies"))
+    assert len(amplifies.split("first step above 2x, per seed: ")[1].split(" (to within")[0].split(", ")) == 1  # 1 seed
     rows = run_table(report)
     runs = stability.study_runs([0], [0], 3.0, [0], ["mhc_v4"])
     assert [row["run"] for row in rows] == [run.name for run in runs]
@@ -153,11 +156,17 @@ def test_hcs_gap_to_the_public_run_reads_the_per_site_gains_of_its_controls():
     summaries = {r.name: {"max_amax_forward": None} for r in runs}
     summaries.update({"hc-lr1x-seed0": {"max_amax_forward": 1.17 ** 48}, "hc-lr0.1x-seed0": {"max_amax_forward": 1.1 ** 48},
                       "hc-lr1x-seed0-decayed-res": {"max_amax_forward": 1.17 ** 48}})
-    line, = hc_gap(runs, summaries, 48)
+    line, verdict = hc_gap(runs, summaries, 48)
     public = 7 ** (1 / 48)  # the public 10M run: about 7x over 48 sites
     closed = (np.log(1.17) - np.log(1.1)) / (np.log(1.17) - np.log(public))
     assert "1.17 at lr x1 (per seed), 1.1 at lr x0.1 and 1.17 with AdamW's weight decay" in line
     assert f"the lower learning rate closes {closed:.0%} and the weight decay 0%" in line
     assert "1.143 in the paper's 27B (3,000 over 60 sites)" in line and f"{public:.3f} in the public 10M run" in line
+    assert verdict.startswith(f"- Neither control accounts for the gap (the larger, the lower learning rate, closes "
+                              f"{closed:.0%})")
+    summaries["hc-lr0.1x-seed0"]["max_amax_forward"] = 1.045 ** 48
+    _, verdict = hc_gap(runs, summaries, 48)
+    assert verdict.startswith(f"- So the lower learning rate accounts for the gap: with it, HC's largest composite "
+                              f"forward Amax is {fmt(1.045 ** 48, 4)}, against 6.1-7.6x")
     decayed = stability.run_config(get_config("debug"), runs[-1], 10)
     assert runs[-1].decay_res and decayed.model.hc.static_res_weight_decay and decayed.model.residual == "hc"

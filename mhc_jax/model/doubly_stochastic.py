@@ -69,19 +69,35 @@ def _sinkhorn_fast_backward(iters, logits, grad):
 _sinkhorn_fast.defvjp(_sinkhorn_fast_forward, _sinkhorn_fast_backward)
 
 
-def sinkhorn_v4(logits: jax.Array, iters: int, eps: float) -> jax.Array:
+def sinkhorn_v4(logits: jax.Array, iters: int, eps: float, fast: bool) -> jax.Array:
     """DeepSeek-V4's projection of `logits` [..., n, n] (transformers' DeepseekV4HyperConnection):
     M = softmax over each row + eps, then the columns normalized, then iters - 1 rounds of rows then
     columns, each a division by (sum + eps). Its M multiplies the streams transposed (new stream j
-    = sum_i M[i, j] x_i), so the H_res of x' = H x is M^T, whose rows are the last normalized."""
-    m = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) + eps
-    m = m / (m.sum(axis=-2, keepdims=True) + eps)
+    = sum_i M[i, j] x_i), so the H_res of x' = H x is M^T, whose rows are the last normalized.
+
+    The fast form is the same arithmetic on [n, n, tokens] slabs, as `sinkhorn`'s, and its backward
+    recomputes the rounds from the logits (jax.checkpoint) instead of saving 2 * iters matrices
+    per token; the reference form runs on [..., n, n] and is differentiated through."""
+    if fast:
+        return _sinkhorn_v4_slabs(logits, iters, eps)
+    return jnp.swapaxes(_v4_rounds(logits, iters, eps, row_sum_axis=-1, column_sum_axis=-2), -1, -2)
+
+
+def _v4_rounds(logits: jax.Array, iters: int, eps: float, row_sum_axis: int, column_sum_axis: int) -> jax.Array:
+    m = jax.nn.softmax(logits.astype(jnp.float32), axis=row_sum_axis) + eps
+    m = m / (m.sum(axis=column_sum_axis, keepdims=True) + eps)
 
     def normalize(_, m):
-        m = m / (m.sum(axis=-1, keepdims=True) + eps)
-        return m / (m.sum(axis=-2, keepdims=True) + eps)
+        m = m / (m.sum(axis=row_sum_axis, keepdims=True) + eps)
+        return m / (m.sum(axis=column_sum_axis, keepdims=True) + eps)
 
-    return jnp.swapaxes(jax.lax.fori_loop(0, iters - 1, normalize, m), -1, -2)
+    return jax.lax.fori_loop(0, iters - 1, normalize, m)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(1, 2))
+def _sinkhorn_v4_slabs(logits: jax.Array, iters: int, eps: float) -> jax.Array:
+    m_NNX = _v4_rounds(jnp.moveaxis(logits, (-2, -1), (0, 1)), iters, eps, row_sum_axis=1, column_sum_axis=0)
+    return jnp.moveaxis(m_NNX, (0, 1), (-1, -2))  # back to [..., n, n], transposed
 
 
 # mHC-lite enumerates n! permutations; 6! = 720 matrices of 36 entries is where that stops being small.

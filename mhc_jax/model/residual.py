@@ -260,7 +260,8 @@ class DeepSeekV4HyperConnection(ManifoldHyperConnection):
 
     def res_map(self, logits_BTR: jax.Array) -> jax.Array:
         B, T, _ = logits_BTR.shape
-        return doubly_stochastic.sinkhorn_v4(logits_BTR.reshape(B, T, self.n, self.n), self.sinkhorn_iters, self.v4_eps)
+        logits_BTNN = logits_BTR.reshape(B, T, self.n, self.n)
+        return doubly_stochastic.sinkhorn_v4(logits_BTNN, self.sinkhorn_iters, self.v4_eps, self.fast)
 
     def pre_map(self, logits_BTN: jax.Array) -> jax.Array:
         return jax.nn.sigmoid(logits_BTN) + self.v4_eps
