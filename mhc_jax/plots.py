@@ -74,13 +74,15 @@ def _finite_series(records: list[dict], key: str) -> tuple[list, list]:
 
 def _draw(axes, label: str, factor: float, curves: list[tuple[list, list]], marker: str | None = None):
     """A variant at lr x1: the seeds' mean and range; at another learning rate, or with another
-    setting (a label beyond the variant's name): one dashed line per seed, in the variant's color."""
+    setting (a label beyond the variant's name): one line per seed in the variant's color, dashed
+    for a higher learning rate, dotted for a lower one, dash-dotted for another setting."""
     color = COLORS[label.split()[0]]
     if factor == 1.0 and label in COLORS:
         _band(axes, curves, color, f"{label} (lr x1, {len(curves)} seed{'s' * (len(curves) > 1)})", marker)
         return
+    style = "-." if label not in COLORS else ("--" if factor > 1.0 else ":")
     for steps, values in curves:
-        axes.plot(steps, values, "--", color=color, linewidth=1, label=f"{label} (lr x{factor:g})")
+        axes.plot(steps, values, style, color=color, linewidth=1.2, label=f"{label} (lr x{factor:g})")
 
 
 def _study_curves(axes, runs: dict, key: str, transform=None, marker=None):
@@ -101,15 +103,21 @@ def plot_study_losses(runs: dict, path: Path, window: int) -> Path:
     for axes in (train_axes, eval_axes):
         low, high = axes.get_ylim()
         axes.set_ylim(low, min(high, low + 4))  # the first steps' loss would flatten the rest
-        axes.legend(fontsize=8)
+    _study_legend(figure, train_axes)
     return _save(figure, path)
 
 
-def _gain_axes(axes, title: str, xlabel: str):
+def _gain_axes(axes, title: str, xlabel: str, legend: bool = True):
     axes.set(xlabel=xlabel, ylabel="composite Amax gain", title=title, yscale="log")
     axes.axhline(1.0, color="black", linewidth=0.5)
     _plain_log_labels(axes)
-    axes.legend(fontsize=8)
+    if legend:
+        axes.legend(fontsize=8)
+
+
+def _study_legend(figure, axes):
+    """One legend for a study figure's two panels, to their right, where it hides no curve."""
+    figure.legend(*axes.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8)
 
 
 def _plain_log_labels(axes):
@@ -124,8 +132,9 @@ def plot_study_amax(runs: dict, path: Path) -> Path:
     figure, (forward, backward) = plt.subplots(1, 2, figsize=(11, 4))
     _study_curves(forward, runs, "amax_forward", marker="o")
     _study_curves(backward, runs, "amax_backward", marker="o")
-    _gain_axes(forward, "forward: max row sum of the composite map, max over sites", "step")
-    _gain_axes(backward, "backward: max column sum, max over sites", "step")
+    _gain_axes(forward, "forward: max row sum of the composite map, max over sites", "step", legend=False)
+    _gain_axes(backward, "backward: max column sum, max over sites", "step", legend=False)
+    _study_legend(figure, forward)
     return _save(figure, path)
 
 
@@ -140,8 +149,9 @@ def plot_study_sites(runs: dict, path: Path) -> Path:
             if curves:
                 _draw(axes, label, factor, curves)
     sites = "site (layer l: 2l attention, 2l+1 MLP)"
-    _gain_axes(forward, "forward gain of the map from each site to the output", sites)
-    _gain_axes(backward, "backward gain of the same maps", sites)
+    _gain_axes(forward, "forward gain of the map from each site to the output", sites, legend=False)
+    _gain_axes(backward, "backward gain of the same maps", sites, legend=False)
+    _study_legend(figure, forward)
     return _save(figure, path)
 
 
@@ -172,7 +182,7 @@ def _save(figure, path, dpi: int = 80):
     """Writes the figure as a PNG to a local path or a bucket path (storage.py)."""
     figure.tight_layout()
     png = io.BytesIO()
-    figure.savefig(png, format="png", dpi=dpi)
+    figure.savefig(png, format="png", dpi=dpi, bbox_inches="tight")  # with a legend beside the axes
     plt.close(figure)
     path = storage.path(path)
     path.write_bytes(png.getvalue())
