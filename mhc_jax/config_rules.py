@@ -65,8 +65,8 @@ FIELD_RULES = {
 RELATIONS = (
     Relation("model.n_streams", lambda c: residual.stream_count_problem(c.model) is None,
              lambda c: residual.stream_count_problem(c.model)),
-    Relation("model.laurel.rank", lambda c: c.model.residual != "laurel_lr" or c.model.laurel.rank <= c.model.d_model,
-             "must be at most the width model.d_model = {c.model.d_model} (a low-rank term)"),
+    Relation("model.laurel.rank", lambda c: residual.rank_problem(c.model) is None,
+             lambda c: residual.rank_problem(c.model)),
     Relation("model.d_model", lambda c: c.model.attention != "mha" or c.model.head_dim
              or c.model.d_model % c.model.n_heads == 0,
              "must be divisible by model.n_heads = {c.model.n_heads} (or set model.head_dim)"),

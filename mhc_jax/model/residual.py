@@ -409,6 +409,13 @@ def stream_count_problem(cfg) -> str | None:
     return None
 
 
+def rank_problem(cfg) -> str | None:
+    """Why cfg.laurel.rank cannot be laurel_lr's rank, or None (config_rules.RELATIONS ask)."""
+    if cfg.residual == "laurel_lr" and cfg.laurel.rank > cfg.d_model:
+        return f"must be at most the width model.d_model = {cfg.d_model} (a low-rank term)"
+    return None
+
+
 def make_site(cfg, site, rngs: nnx.Rngs) -> nnx.Module:
     """The residual site with index `site` (2 * layer for attention, 2 * layer + 1 for the MLP)."""
     return SITES[cfg.residual](cfg, site, rngs)
